@@ -1,0 +1,351 @@
+"""Hardware profiles: the target's integer arithmetic, loaded from YAML and validated.
+
+A profile is the single source of every bit width, rounding rule and
+accumulator size; no other module hard-codes one. Validation is strict:
+unknown keys, wrong types and impossible combinations raise QftsimError
+naming the file, the key path and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qftsim.errors import QftsimError
+
+SCHEMA_VERSION = 1
+
+ROUNDING_MODES = ("gemmlowp_double", "half_up", "half_away", "half_even", "floor")
+OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "clamp", "reshape", "lut")
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One key of the schema: its Python type, allowed values or range, and default."""
+
+    kind: type
+    choices: tuple = ()
+    lo: int | None = None
+    hi: int | None = None
+    default: Any = _REQUIRED
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is int and self.lo is not None:
+            return f"an integer in [{self.lo}, {self.hi}]"
+        return {bool: "true or false", int: "an integer", str: "a string", list: "a list"}[self.kind]
+
+
+_SIGNED_CHOICES = (True, False, "auto")
+
+SCHEMA: dict[str, dict[str, _Field]] = {
+    "weights": {
+        "bits": _Field(int, lo=2, hi=16),
+        "signed": _Field(bool, default=True),
+        "symmetric": _Field(bool, default=True),
+        "narrow": _Field(bool, default=False),
+        "granularity": _Field(str, choices=("per_tensor", "per_channel")),
+        "scale": _Field(str, choices=("float", "power_of_two"), default="float"),
+    },
+    "activations": {
+        "bits": _Field(int, lo=2, hi=16),
+        "signed": _Field(object, choices=_SIGNED_CHOICES),
+        "symmetric": _Field(bool, default=False),
+        "scale": _Field(str, choices=("float", "power_of_two"), default="float"),
+        "channelwise_via_requant": _Field(bool, default=False),
+    },
+    "bias": {
+        "bits": _Field(int, lo=2, hi=32),
+    },
+    "accumulator": {
+        "bits": _Field(int, lo=2, hi=32),
+        "overflow": _Field(str, choices=("wrap", "saturate", "error")),
+        "saturate_at": _Field(str, choices=("final", "every_mac"), default="final"),
+        "guarantee": _Field(str, choices=("none", "observed", "a2q"), default="none"),
+    },
+    "requant": {
+        "scheme": _Field(str, choices=("fixed_point", "shift_only")),
+        "multiplier_bits": _Field(int, lo=0, hi=31),
+        "shift_range": _Field(list),
+        "per_channel": _Field(bool),
+        "rounding": _Field(str, choices=ROUNDING_MODES),
+    },
+    "ops": {
+        "supported": _Field(list, default=list(OP_KINDS)),
+        "add_left_shift": _Field(int, lo=0, hi=30, default=20),
+        "concat_rescale": _Field(bool, default=True),
+    },
+}
+_TOP_LEVEL = {"name": str, "schema_version": int, "description": str}
+_OPTIONAL_SECTIONS = ("ops",)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int
+    signed: bool
+    symmetric: bool
+    narrow: bool
+    granularity: str
+    scale: str
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed, self.narrow)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed, self.narrow)[1]
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    bits: int
+    signed: Any  # True, False or "auto" (unsigned after ReLU-like ops)
+    symmetric: bool
+    scale: str
+    channelwise_via_requant: bool
+
+    def range(self, signed: bool) -> tuple[int, int]:
+        """Integer range of an activation tensor with the given signedness."""
+        return int_range(self.bits, signed, False)
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    bits: int
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return int_range(self.bits, True, False)
+
+
+@dataclass(frozen=True)
+class AccumulatorSpec:
+    bits: int
+    overflow: str
+    saturate_at: str
+    guarantee: str
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return int_range(self.bits, True, False)
+
+
+@dataclass(frozen=True)
+class RequantSpec:
+    scheme: str
+    multiplier_bits: int
+    shift_range: tuple[int, int]
+    per_channel: bool
+    rounding: str
+
+
+@dataclass(frozen=True)
+class OpsSpec:
+    supported: tuple[str, ...]
+    add_left_shift: int
+    concat_rescale: bool
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A target's integer arithmetic (see DESIGN.md "Hardware profile")."""
+
+    name: str
+    schema_version: int
+    description: str
+    weights: WeightSpec
+    activations: ActivationSpec
+    bias: BiasSpec
+    accumulator: AccumulatorSpec
+    requant: RequantSpec
+    ops: OpsSpec
+
+    def to_dict(self) -> dict:
+        """Plain-data form; loading it back gives an equal profile."""
+        d = dataclasses.asdict(self)
+        d["requant"]["shift_range"] = list(self.requant.shift_range)
+        d["ops"]["supported"] = list(self.ops.supported)
+        return d
+
+    @property
+    def hash(self) -> str:
+        """Content hash of the arithmetic (name and description excluded)."""
+        d = self.to_dict()
+        del d["name"], d["description"]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "HardwareProfile":
+        return _parse(data, source)
+
+
+def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range of a `bits`-wide value; `narrow` drops the most negative code."""
+    if signed:
+        return (-(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1)
+    return (0, 2**bits - 1)
+
+
+def _fail(source: str, path: str, message: str) -> QftsimError:
+    return QftsimError(f"{source}: {path}: {message}")
+
+
+def _check_value(source: str, path: str, field: _Field, value: Any) -> Any:
+    if field.kind is object:
+        ok = any(value is c or (type(value) is type(c) and value == c) for c in field.choices)
+    elif field.kind is int:
+        ok = type(value) is int and (field.lo is None or field.lo <= value <= field.hi)
+    else:
+        ok = type(value) is field.kind and (not field.choices or value in field.choices)
+    if not ok:
+        raise _fail(source, path, f"got {value!r}, expected {field.describe()}")
+    return value
+
+
+def _parse_section(source: str, section: str, data: Any) -> dict:
+    schema = SCHEMA[section]
+    if data is None and section in _OPTIONAL_SECTIONS:
+        data = {}
+    if not isinstance(data, dict):
+        raise _fail(source, section, f"expected a mapping with keys {', '.join(schema)}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise _fail(source, f"{section}.{unknown[0]}", f"unknown key; accepted keys: {', '.join(schema)}")
+    out = {}
+    for key, field in schema.items():
+        path = f"{section}.{key}"
+        if key not in data:
+            if field.default is _REQUIRED:
+                raise _fail(source, path, f"missing; expected {field.describe()}")
+            out[key] = field.default
+        else:
+            out[key] = _check_value(source, path, field, data[key])
+    return out
+
+
+def _parse(data: Any, source: str) -> HardwareProfile:
+    if not isinstance(data, dict):
+        raise _fail(source, "<top>", "expected a YAML mapping")
+    accepted = list(_TOP_LEVEL) + list(SCHEMA)
+    unknown = sorted(set(data) - set(accepted))
+    if unknown:
+        raise _fail(source, unknown[0], f"unknown key; accepted keys: {', '.join(accepted)}")
+    for key, kind in _TOP_LEVEL.items():
+        if key not in data:
+            raise _fail(source, key, "missing")
+        if type(data[key]) is not kind:
+            raise _fail(source, key, f"got {data[key]!r}, expected {kind.__name__}")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise _fail(source, "schema_version", f"got {data['schema_version']}, this qftsim reads {SCHEMA_VERSION}")
+    sec = {name: _parse_section(source, name, data.get(name)) for name in SCHEMA}
+    _check_consistency(source, sec)
+    rq = sec["requant"]
+    rq["shift_range"] = tuple(rq["shift_range"])
+    sec["ops"]["supported"] = tuple(sec["ops"]["supported"])
+    return HardwareProfile(
+        name=data["name"],
+        schema_version=data["schema_version"],
+        description=data["description"],
+        weights=WeightSpec(**sec["weights"]),
+        activations=ActivationSpec(**sec["activations"]),
+        bias=BiasSpec(**sec["bias"]),
+        accumulator=AccumulatorSpec(**sec["accumulator"]),
+        requant=RequantSpec(**rq),
+        ops=OpsSpec(**sec["ops"]),
+    )
+
+
+def _check_consistency(source: str, sec: dict) -> None:
+    """Reject combinations no hardware can execute or this arithmetic cannot represent."""
+    w, a, acc, rq, ops = sec["weights"], sec["activations"], sec["accumulator"], sec["requant"], sec["ops"]
+    b = rq["multiplier_bits"]
+    sr = rq["shift_range"]
+    if not (len(sr) == 2 and all(type(v) is int for v in sr)):
+        raise _fail(source, "requant.shift_range", f"got {sr!r}, expected [min, max] (two integers)")
+    lo_allowed = b - 31
+    if not (lo_allowed <= sr[0] <= sr[1] <= 62):
+        raise _fail(
+            source,
+            "requant.shift_range",
+            f"got {sr!r}, expected [min, max] with {lo_allowed} <= min <= max <= 62 "
+            f"(right shifts; the lower bound keeps acc*multiplier*2^-shift within 64 bits)",
+        )
+    if rq["scheme"] == "shift_only":
+        if b != 0:
+            raise _fail(source, "requant.multiplier_bits", f"got {b}, shift_only requant has no multiplier: use 0")
+        if rq["rounding"] == "gemmlowp_double":
+            raise _fail(source, "requant.rounding", "gemmlowp_double needs a fixed_point multiplier; "
+                        "shift_only accepts half_up, half_away, half_even, floor")
+        for section in ("weights", "activations"):
+            if sec[section]["scale"] != "power_of_two":
+                raise _fail(source, f"{section}.scale", "shift_only requant can only rescale by powers of two: "
+                            "use power_of_two")
+    elif b == 0:
+        raise _fail(source, "requant.multiplier_bits", "fixed_point needs 1..31 multiplier bits (0 means shift_only)")
+    if rq["rounding"] == "gemmlowp_double" and b != 31:
+        raise _fail(source, "requant.rounding", f"gemmlowp_double is defined for a 31-bit multiplier, "
+                    f"got multiplier_bits {b}")
+    if w["granularity"] == "per_channel" and not rq["per_channel"]:
+        raise _fail(source, "requant.per_channel", "per_channel weights need per-channel requantization: "
+                    "set requant.per_channel: true or weights.granularity: per_tensor")
+    if a["channelwise_via_requant"] and not rq["per_channel"]:
+        raise _fail(source, "activations.channelwise_via_requant", "needs requant.per_channel: true")
+    if w["symmetric"] and not w["signed"]:
+        raise _fail(source, "weights.signed", "symmetric weights (zero point 0) must be signed")
+    if w["narrow"] and not (w["signed"] and w["symmetric"]):
+        raise _fail(source, "weights.narrow", "narrow range applies to signed symmetric weights only")
+    if sec["bias"]["bits"] > acc["bits"]:
+        raise _fail(source, "bias.bits", f"got {sec['bias']['bits']}, must not exceed accumulator.bits {acc['bits']}")
+    if acc["saturate_at"] == "every_mac" and acc["overflow"] != "saturate":
+        raise _fail(source, "accumulator.saturate_at", "every_mac applies to overflow: saturate only")
+    bad = [op for op in ops["supported"] if op not in OP_KINDS]
+    if bad:
+        raise _fail(source, "ops.supported", f"unknown op {bad[0]!r}; accepted: {', '.join(OP_KINDS)}")
+
+
+def _bundled_dir():
+    return resources.files("hwprofiles")
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.name[:-5] for p in _bundled_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
+    """Load a shipped profile by name, or a YAML file by path."""
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    text_path = str(name_or_path)
+    path = Path(text_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise QftsimError(f"{text_path}: no such profile file")
+        text, source = path.read_text(), str(path)
+    elif text_path in list_profiles():
+        text, source = (_bundled_dir() / f"{text_path}.yaml").read_text(), f"hwprofiles/{text_path}.yaml"
+    else:
+        raise QftsimError(f"unknown profile {text_path!r}; shipped profiles: {', '.join(list_profiles())} "
+                          "(or give a path to a .yaml file)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise QftsimError(f"{source}: not valid YAML: {exc}") from None
+    return _parse(data, source)

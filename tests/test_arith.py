@@ -1,0 +1,171 @@
+"""Property tests: the vectorized arithmetic equals the naive Python-int reference."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qftsim import arith
+from qftsim.profile import ROUNDING_MODES
+from tests import naive
+
+INT32 = st.integers(naive.INT32_MIN, naive.INT32_MAX)
+Q31_MULT = st.integers(0, 2**31 - 1)
+EXAMPLES = settings(max_examples=400, deadline=None)
+SHIFT_MODES = [r for r in ROUNDING_MODES if r != "gemmlowp_double"]
+
+
+def _three_ways(fn, values, *args):
+    """fn on numpy int64, torch int64 and torch float64 (integer-valued where exact)."""
+    np_out = fn(np.array(values, dtype=np.int64), *args)
+    t_out = fn(torch.tensor(values, dtype=torch.int64), *args)
+    assert np.array_equal(np_out, t_out.numpy())
+    if all(abs(int(v)) < 2**53 for v in list(values) + list(np_out)):
+        f_out = fn(torch.tensor(values, dtype=torch.float64), *args)
+        assert f_out.dtype == torch.float64
+        assert np.array_equal(np_out, f_out.numpy().astype(np.int64))
+    return [int(v) for v in np_out]
+
+
+@EXAMPLES
+@given(st.lists(INT32, min_size=1, max_size=16), Q31_MULT, st.integers(0, 62), st.sampled_from(ROUNDING_MODES))
+def test_requantize_matches_reference(accs, m, t, rounding):
+    got = _three_ways(arith.requantize, accs, m, t, rounding)
+    assert got == [naive.requantize(a, m, t, rounding) for a in accs]
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(INT32, Q31_MULT, st.integers(0, 62)), min_size=1, max_size=16),
+       st.sampled_from(ROUNDING_MODES))
+def test_requantize_per_channel_broadcast(rows, rounding):
+    accs, ms, ts = (np.array(c, dtype=np.int64) for c in zip(*rows))
+    got = arith.requantize(accs, ms, ts, rounding)
+    assert list(got) == [naive.requantize(int(a), int(m), int(t), rounding) for a, m, t in rows]
+
+
+@EXAMPLES
+@given(st.lists(INT32, min_size=1, max_size=16), st.integers(-31, 31), st.sampled_from(SHIFT_MODES))
+def test_shift_only_requantize(accs, t, rounding):
+    got = _three_ways(arith.rounding_right_shift, accs, t, rounding)
+    assert got == [naive.round_fraction(Fraction(a) / Fraction(2) ** t, rounding) for a in accs]
+
+
+@EXAMPLES
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=16), st.integers(1, 2**20),
+       st.sampled_from(ROUNDING_MODES))
+def test_divide_rounded(xs, n, rounding):
+    got = _three_ways(arith.divide_rounded, xs, n, rounding)
+    assert got == [naive.divide(x, n, rounding) for x in xs]
+
+
+@EXAMPLES
+@given(st.lists(st.integers(-(2**62), 2**62), min_size=1, max_size=16), st.integers(2, 32))
+def test_wrap_and_saturate(xs, bits):
+    assert _three_ways(arith.wrap, xs, bits) == [naive.wrap(x, bits) for x in xs]
+    assert _three_ways(arith.saturate, xs, bits) == [naive.saturate(x, bits) for x in xs]
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(INT32, INT32), min_size=1, max_size=16))
+def test_srdhm(pairs):
+    a, b = (np.array(c, dtype=np.int64) for c in zip(*pairs))
+    assert list(arith.srdhm(a, b)) == [naive.srdhm(int(x), int(y)) for x, y in pairs]
+
+
+@EXAMPLES
+@given(st.lists(INT32, min_size=1, max_size=16), st.integers(0, 31))
+def test_rdbpot(xs, e):
+    assert _three_ways(arith.rdbpot, xs, e) == [naive.rdbpot(x, e) for x in xs]
+
+
+def _naive_quantize_multiplier(real: Fraction, bits: int):
+    e = 0
+    while real >= Fraction(2) ** e:
+        e += 1
+    while real < Fraction(2) ** (e - 1):
+        e -= 1
+    q = real / Fraction(2) ** e  # in [1/2, 1)
+    if bits == 0:
+        return (1, -e) if q >= Fraction(3, 4) else (1, -(e - 1))
+    m = naive.round_fraction(q * 2**bits, "half_away")
+    if m == 2**bits:
+        m, e = m // 2, e + 1
+    return m, bits - e
+
+
+@EXAMPLES
+@given(st.floats(min_value=2**-40, max_value=2**20, allow_nan=False), st.sampled_from([31, 15, 8, 1, 0]))
+def test_quantize_multiplier(real, bits):
+    m, t = arith.quantize_multiplier(real, bits)
+    assert (m, t) == _naive_quantize_multiplier(Fraction(real), bits)
+    if bits:
+        assert 2 ** (bits - 1) <= m < 2**bits
+        assert abs(Fraction(m) / Fraction(2) ** t - Fraction(real)) <= Fraction(real) * Fraction(1, 2**bits)
+
+
+# ------------------------------------------------------------------ edges
+
+def test_int32_min_squared_saturates():
+    assert int(arith.srdhm(np.int64(naive.INT32_MIN), np.int64(naive.INT32_MIN))) == naive.INT32_MAX
+
+
+@pytest.mark.parametrize("rounding", ROUNDING_MODES)
+@pytest.mark.parametrize("t", [0, 1, 30, 31, 32, 62])
+@pytest.mark.parametrize("m", [0, 1, 2**30, 2**31 - 1])
+def test_edges(rounding, t, m):
+    accs = [0, 1, -1, 2, -2, 3, -3, naive.INT32_MAX, naive.INT32_MIN, 2**30, -(2**30), 12345, -12345]
+    got = _three_ways(arith.requantize, accs, m, t, rounding)
+    assert got == [naive.requantize(a, m, t, rounding) for a in accs]
+
+
+def test_exact_ties():
+    # acc*m/2^t = k + 1/2 for these: each mode resolves the tie its own way.
+    acc = np.array([1, 3, -1, -3], dtype=np.int64)
+    expect = {
+        "half_up": [1, 2, 0, -1],
+        "half_away": [1, 2, -1, -2],
+        "half_even": [0, 2, 0, -2],
+        "floor": [0, 1, -1, -2],
+        # SRDHM's nudge (1 - 2^30 below zero) sends negative ties toward zero.
+        "gemmlowp_double": [1, 2, 0, -1],
+    }
+    for rounding, want in expect.items():
+        assert list(arith.requantize(acc, 2**30, 31, rounding)) == want, rounding
+
+
+def test_multiplier_that_rounds_up_to_2_pow_31():
+    m, t = arith.quantize_multiplier(1 - 2**-40, 31)
+    assert (m, t) == (2**30, 30)
+
+
+def test_quantize_multiplier_shift_range():
+    assert arith.quantize_multiplier(2**-40, 31, (0, 62)) == (2**22, 62)
+    assert arith.quantize_multiplier(2**-70, 31, (0, 62)) == (0, 62)
+    with pytest.raises(arith.QftsimError, match="minimum"):
+        arith.quantize_multiplier(2.0**40, 31, (0, 62))
+
+
+def test_double_and_single_rounding_differ():
+    """A swap of gemmlowp double rounding and single rounding must not go unnoticed."""
+    rng = np.random.default_rng(0)
+    acc = rng.integers(-(2**20), 2**20, size=20000)
+    m = rng.integers(2**30, 2**31, size=20000)
+    t = rng.integers(32, 45, size=20000)
+    double = arith.requantize(acc, m, t, "gemmlowp_double")
+    single = arith.requantize(acc, m, t, "half_up")
+    diff = double != single
+    assert 0 < diff.mean() < 0.1
+    assert np.all(np.abs(double - single) <= 1)
+    assert int(arith.requantize(np.int64(-126), 2**30, 32, "gemmlowp_double")) == -32
+    assert int(arith.requantize(np.int64(-126), 2**30, 32, "half_up")) == -31
+
+
+def test_a2q_bound():
+    assert arith.a2q_l1_bound(16, 4, False) == (2**15 - 1) // 16
+    assert arith.a2q_l1_bound(16, 4, True) == (2**15 - 1) // 8
+    assert arith.a2q_l1_bound(32, 8, True) == (2**31 - 1) // 128
+    # A weight row at the bound cannot overflow with the worst inputs.
+    bound = arith.a2q_l1_bound(16, 4, False)
+    assert bound * 15 <= 2**15 - 1

@@ -1,0 +1,133 @@
+"""Profiles: every shipped one loads; each kind of invalid one fails with the named key."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qftsim import QftsimError, list_profiles, load_profile
+from qftsim.cli import main
+from qftsim.profile import HardwareProfile
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ["int8-default", "tflite-int8", "cmsis-nn", "npu-a8w4", "fpga-w4a4-pow2-acc16"]
+
+
+def test_shipped_profiles_load():
+    assert set(SHIPPED) <= set(list_profiles())
+    for name in list_profiles():
+        p = load_profile(name)
+        assert p.name == name
+        assert HardwareProfile.from_dict(p.to_dict()) == p
+        assert len(p.description) > 80
+
+
+def test_shipped_profile_arithmetic():
+    tfl, cmsis = load_profile("tflite-int8"), load_profile("cmsis-nn")
+    assert (tfl.weights.qmin, tfl.weights.qmax) == (-127, 127)
+    assert tfl.requant.rounding == "gemmlowp_double" and cmsis.requant.rounding == "half_up"
+    assert tfl.hash != cmsis.hash
+    npu = load_profile("npu-a8w4")
+    assert (npu.weights.bits, npu.activations.signed, npu.accumulator.bits) == (4, False, 24)
+    assert npu.accumulator.overflow == "saturate" and npu.requant.multiplier_bits == 15
+    fpga = load_profile("fpga-w4a4-pow2-acc16")
+    assert fpga.requant.scheme == "shift_only" and fpga.accumulator.guarantee == "a2q"
+    assert fpga.accumulator.bits == 16 and fpga.weights.scale == "power_of_two"
+
+
+def _base():
+    return load_profile("int8-default").to_dict()
+
+
+def _edit(path, value):
+    d = _base()
+    *parents, leaf = path.split(".")
+    node = d
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return d
+
+
+INVALID = [
+    ("accumulator.bits", _edit("accumulator.bits", 0)),
+    ("accumulator.bits", _edit("accumulator.bits", 33)),
+    ("weights.bits", _edit("weights.bits", -3)),
+    ("weights.bits", _edit("weights.bits", "8")),
+    ("accumulator.overflow", _edit("accumulator.overflow", "clip")),
+    ("requant.rounding", _edit("requant.rounding", "stochastic")),
+    ("requant.multiplier_bits", _edit("requant.multiplier_bits", 32)),
+    ("requant.shift_range", _edit("requant.shift_range", [40, 10])),
+    ("requant.shift_range", _edit("requant.shift_range", [0, 63])),
+    ("requant.per_channel", _edit("requant.per_channel", False)),
+    ("requant.rounding", {**_edit("requant.multiplier_bits", 15), "requant": {
+        **_base()["requant"], "multiplier_bits": 15, "rounding": "gemmlowp_double"}}),
+    ("weights.colour", _edit("weights.colour", "blue")),
+    ("accumulator.bits", _edit("accumulator.bits", KeyError)),
+    ("activations.signed", _edit("activations.signed", "maybe")),
+    ("bias.bits", _edit("bias.bits", 40)),
+    ("ops.supported", _edit("ops.supported", ["conv2d", "softmax"])),
+    ("accumulator.saturate_at", _edit("accumulator.saturate_at", "every_mac")),
+    ("schema_version", _edit("schema_version", 99)),
+]
+
+
+@pytest.mark.parametrize("key,data", INVALID, ids=[k + str(i) for i, (k, _) in enumerate(INVALID)])
+def test_invalid_profiles_name_the_key(key, data, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(QftsimError) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and key in str(info.value)
+
+
+def test_shift_only_needs_power_of_two_scales():
+    d = load_profile("fpga-w4a4-pow2-acc16").to_dict()
+    bad = copy.deepcopy(d)
+    bad["weights"]["scale"] = "float"
+    with pytest.raises(QftsimError, match="weights.scale"):
+        HardwareProfile.from_dict(bad)
+
+
+def test_unknown_top_level_key_and_bad_yaml(tmp_path):
+    d = _base()
+    d["colour"] = 1
+    with pytest.raises(QftsimError, match="colour"):
+        HardwareProfile.from_dict(d)
+    path = tmp_path / "broken.yaml"
+    path.write_text("weights: [unclosed")
+    with pytest.raises(QftsimError, match="not valid YAML"):
+        load_profile(path)
+    with pytest.raises(QftsimError, match="unknown profile"):
+        load_profile("no-such-profile")
+
+
+def test_cli_validate(tmp_path, capsys):
+    shipped = sorted(str(p) for p in (ROOT / "hwprofiles").glob("*.yaml"))
+    assert main(["profiles", "validate", *shipped]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_edit("accumulator.bits", 0)))
+    assert main(["profiles", "validate", str(bad)]) == 1
+    assert "accumulator.bits" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump(_edit("accumulator.colour", 1)))
+    assert main(["profiles", "validate", str(unknown)]) == 1
+    assert "accumulator.colour" in capsys.readouterr().err
+
+
+def test_cli_list_and_show_as_a_process():
+    out = subprocess.run([sys.executable, "-m", "qftsim.cli", "profiles", "list"], capture_output=True,
+                         text=True, check=True).stdout
+    assert all(name in out for name in SHIPPED)
+    out = subprocess.run([sys.executable, "-m", "qftsim.cli", "profiles", "show", "tflite-int8"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "gemmlowp_double" in out
+    res = subprocess.run([sys.executable, "-m", "qftsim.cli", "profiles", "show", "nope"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown profile" in res.stderr
