@@ -1,8 +1,9 @@
 """The one place where integers are rounded, requantized, accumulated, wrapped and saturated.
 
 Every function is vectorized and takes numpy integer arrays or torch tensors
-(int64, or float64 holding integers, as the trainer uses); the result has
-the input's type and dtype. Internally everything runs in int64, which is
+(int64, or float tensors holding integers, as the trainer and simulator
+use); the result has the input's type and dtype, except that float tensors
+come back as float64, which holds every result exactly. Internally everything runs in int64, which is
 exact under the limits the profile validator enforces (|acc| < 2^31,
 multiplier < 2^31, right shift <= 62, left shift bounded by 31 - bits).
 
@@ -39,9 +40,9 @@ def _to_int64(x, like=None):
 
 
 def _restore(result, original):
-    """Cast an int64 result back to the type and dtype of the caller's input."""
+    """Cast a result to the caller's type: its integer dtype, or float64 for any float tensor (exact)."""
     if _is_torch(original):
-        return result.to(original.dtype)
+        return result.to(torch.float64 if original.is_floating_point() else original.dtype)
     if isinstance(original, np.ndarray):
         return result.astype(original.dtype, copy=False)
     return result
@@ -66,24 +67,29 @@ def _maximum0(x):
 # ---------------------------------------------------------------- rounding
 
 def _round_shift_int64(v, t, rounding: str):
-    """v * 2^-t rounded by `rounding`, all int64; t may be negative (an exact left shift)."""
+    """v * 2^-t rounded by `rounding`, all int64; t may be negative (an exact left shift).
+
+    Each mode is one add of a per-shift constant and one arithmetic shift,
+    so the work per element stays small; the constants are computed on t's
+    (usually per-channel) shape, not per element.
+    """
+    left = _maximum0(-t)
+    if (left > 0).any():
+        v = v << left
     right = _maximum0(t)
-    v = v << _maximum0(-t)
-    q = v >> right
-    r = v - (q << right)
-    half = (q * 0 + 1 << right) >> 1
     if rounding == "floor":
-        return q
+        return v >> right
+    rounds = (right > 0).to(torch.int64) if _is_torch(right) else (right > 0).astype(np.int64)
+    half = (rounds << right) >> 1  # 2^(t-1), or 0 where nothing is shifted out
     if rounding == "half_up":
-        tie_up = True
-    elif rounding == "half_away":
-        tie_up = v >= 0
-    elif rounding == "half_even":
-        tie_up = (q & 1) == 1
-    else:
-        raise ValueError(f"rounding {rounding!r} is not a shift rounding mode")
-    up = (r > half) | ((r == half) & tie_up & (right > 0))
-    return q + up.to(torch.int64) if _is_torch(up) else q + up.astype(np.int64)
+        return (v + half) >> right
+    if rounding == "half_away":
+        below = (v < 0).to(torch.int64) if _is_torch(v) else (v < 0).astype(np.int64)
+        return (v + (half - below * rounds)) >> right
+    if rounding == "half_even":
+        # a tie goes up exactly when the truncated quotient is odd
+        return (v + (half - rounds) + ((v >> right) & rounds)) >> right
+    raise ValueError(f"rounding {rounding!r} is not a shift rounding mode")
 
 
 def rounding_right_shift(x, shift, rounding: str):
@@ -126,49 +132,123 @@ def saturate(x, bits: int):
 
 
 def srdhm(a, b):
-    """gemmlowp SaturatingRoundingDoublingHighMul of int32 values a and b."""
+    """gemmlowp SaturatingRoundingDoublingHighMul of int32 values a and b.
+
+    Its nudge (2^30, or 1 - 2^30 below zero) followed by truncation equals
+    rounding a*b / 2^31 half up, except INT32_MIN * INT32_MIN, which saturates.
+    """
     a64 = _to_int64(a)
     b64 = _to_int64(b, like=a64)
-    ab = a64 * b64
-    nudge = _where(ab >= 0, ab * 0 + (1 << 30), ab * 0 + (1 - (1 << 30)))
-    n = ab + nudge
-    trunc = _where(n >= 0, n >> 31, -((-n) >> 31))
-    overflow = (a64 == INT32_MIN) & (b64 == INT32_MIN)
-    return _restore(_where(overflow, trunc * 0 + INT32_MAX, trunc), a)
+    out = _round_shift_int64(a64 * b64, np.int64(31), "half_up")
+    if (b64 == INT32_MIN).any() and (a64 == INT32_MIN).any():
+        out = _where((a64 == INT32_MIN) & (b64 == INT32_MIN), out * 0 + INT32_MAX, out)
+    return _restore(out, a)
 
 
 def rdbpot(x, exponent):
     """gemmlowp RoundingDivideByPOT: x / 2^exponent, ties away from zero."""
     v = _to_int64(x)
-    e = _to_int64(exponent, like=v)
-    mask = (v * 0 + 1 << e) - 1
-    rem = v & mask
-    thr = (mask >> 1) + (v < 0).to(torch.int64) if _is_torch(v) else (mask >> 1) + (v < 0)
-    up = rem > thr
-    return _restore((v >> e) + (up.to(torch.int64) if _is_torch(up) else up.astype(np.int64)), x)
+    return _restore(_round_shift_int64(v, _to_int64(exponent, like=v), "half_away"), x)
 
 
 # ---------------------------------------------------------------- requantization
 
-def requantize(acc, multiplier, shift, rounding: str):
+def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = None):
     """acc * multiplier * 2^-shift rounded to an integer exactly as the profile's rounding says.
 
     `multiplier` and `shift` broadcast against `acc` (per-channel requant).
     gemmlowp_double is TFLite's MultiplyByQuantizedMultiplier with a Q31
     multiplier: left shift (wrapping to int32, as int32 hardware does), SRDHM,
     then RDBPOT. Every other mode rounds the exact product once.
+
+    Where |acc| * multiplier < 2^52 every intermediate is exact in float64,
+    so that (fast) path computes the same integers; int64 serves the rest.
+    `acc_peak` is max |acc| where the caller already knows it (saves a pass).
     """
-    v = _to_int64(acc)
-    m = _to_int64(multiplier, like=v)
-    t = _to_int64(shift, like=v)
+    m = _to_int64(multiplier, like=acc)
+    t = _to_int64(shift, like=acc)
+    if _float64_is_exact(acc if acc_peak is None else acc_peak, m, t, rounding):
+        return _restore(_requantize_float64(acc, m, t, rounding), acc)
+    return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
+
+
+def _requantize_int64(v, m, t, rounding: str):
     if rounding == "gemmlowp_double":
         exponent = 31 - t
         left = _maximum0(exponent)
-        scaled = wrap(v << left, 32)
-        out = rdbpot(srdhm(scaled, m), _maximum0(-exponent))
-    else:
-        out = _round_shift_int64(v * m, t, rounding)
-    return _restore(out, acc)
+        scaled = wrap(v << left if (left > 0).any() else v, 32)
+        return rdbpot(srdhm(scaled, m), _maximum0(-exponent))
+    return _round_shift_int64(v * m, t, rounding)
+
+
+def _to_float64(x):
+    return x.to(torch.float64) if _is_torch(x) else np.asarray(x, dtype=np.float64)
+
+
+def _peak(x) -> float:
+    """max |x| (0 for an empty array)."""
+    if isinstance(x, (int, float)):
+        return abs(float(x))
+    if _is_torch(x):
+        if x.numel() == 0:
+            return 0.0
+        lo, hi = torch.aminmax(x)
+        return float(max(-lo, hi))
+    x = np.asarray(x)
+    return float(np.abs(x).max()) if x.size else 0.0
+
+
+def _float64_is_exact(acc, m, t, rounding: str) -> bool:
+    peak, m_peak = _peak(acc), _peak(m)
+    if peak * m_peak >= 2.0**52:
+        return False
+    # gemmlowp's int32 left shift (t < 31) and its wrap stay on the int64 path
+    return rounding != "gemmlowp_double" or (bool((t >= 31).all()) and peak <= INT32_MAX)
+
+
+def _requantize_float64(a, m, t, rounding: str):
+    """The same integers as _requantize_int64, for |a| * m < 2^52 (all steps exact); float64 result.
+
+    `a` may be any integer-valued array: it is promoted to float64 by the
+    first multiply, never copied on its own.
+    """
+    xp = torch if _is_torch(a) else np
+    if rounding == "gemmlowp_double":
+        w = _float64_product(a, _to_float64(m) * 2.0**-31)
+        _round_float64(w, "half_up")  # SRDHM
+        return _round_float64(xp.multiply(w, _exp2_neg(t - 31), out=w), "half_away")  # RDBPOT
+    # m * 2^-t is exact in float64, and so is its product with a (< 2^52 significant bits)
+    return _round_float64(_float64_product(a, _to_float64(m) * _exp2_neg(t)), rounding)
+
+
+def _float64_product(a, factor):
+    """a * factor as a fresh float64 array of a's broadcast shape (torch would keep float32 for a 0-d factor)."""
+    if _is_torch(a):
+        out = a * (factor.reshape(1) if factor.dim() == 0 else factor)
+        return out.reshape(()) if a.dim() == 0 and factor.dim() == 0 else out
+    return np.asarray(np.asarray(a) * factor, dtype=np.float64)
+
+
+def _exp2_neg(t):
+    """2^-t as float64, exactly (t is an integer array)."""
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), -t) if _is_torch(t) else np.ldexp(1.0, -t)
+
+
+def _round_float64(w, rounding: str):
+    """Round exact float64 values (at most 52 significant bits) to integers by `rounding`, in place."""
+    xp = torch if _is_torch(w) else np
+    if rounding == "half_up":
+        xp.add(w, 0.5, out=w)
+    elif rounding == "half_away":
+        half = w.new_tensor(0.5) if xp is torch else 0.5
+        xp.add(w, xp.copysign(half, w), out=w)
+    if rounding in ("floor", "half_up"):
+        return xp.floor(w, out=w)
+    if rounding == "half_away":
+        return xp.trunc(w, out=w)
+    if rounding == "half_even":
+        return xp.round(w, out=w)
+    raise ValueError(f"rounding {rounding!r} is not a shift rounding mode")
 
 
 def quantize_multiplier(real: float, multiplier_bits: int, shift_range: tuple[int, int] | None = None):

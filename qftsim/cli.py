@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -46,6 +47,61 @@ def _profiles_validate(args) -> int:
     return status
 
 
+def load_input_array(model, path: str):
+    """An .npy batch for the model's single input: integers as they are, reals quantized; says which."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise QftsimError(f"{path}: not a readable .npy array ({exc})") from None
+    spec = model.inputs[0]
+    if arr.dtype.kind in "iu":
+        print(f"input {path}: {arr.dtype} {arr.shape}, taken as already-quantized integers")
+        return arr
+    if arr.dtype.kind != "f":
+        raise QftsimError(f"{path}: dtype {arr.dtype}; expected integers or floats")
+    if not np.isfinite(arr).all():
+        raise QftsimError(f"{path}: contains NaN or Inf")
+    print(f"input {path}: {arr.dtype} {arr.shape}, real values quantized with scale {spec.quant.scale:.6g}, "
+          f"zero point {spec.quant.zero_point}")
+    return spec.quant.quantize(arr)
+
+
+def _simulate(args) -> int:
+    from qftsim import golden, intmodel
+    from qftsim.sim import format_report, simulate
+
+    model = intmodel.load(args.model)
+    x = load_input_array(model, args.input)
+    if args.dump:
+        golden.dump(model, x, args.dump, accumulators=args.accumulators)
+        print(f"golden vectors: {args.dump}/manifest.json")
+    result = simulate(model, x)
+    if args.output:
+        if len(result.outputs) != 1:
+            raise QftsimError("--output writes one .npy; this model has several outputs (use --dump)")
+        (arr,) = result.outputs.values()
+        intmodel.atomic_write_bytes(Path(args.output), _npy_bytes(arr))
+        print(f"output: {args.output}")
+    for name, arr in result.outputs.items():
+        print(f"output {name}: {arr.dtype} {arr.shape}, min {arr.min()}, max {arr.max()}")
+    if args.report:
+        print(format_report(result.report))
+    print(f"accumulator overflows: {result.overflows}")
+    return EXIT_OK
+
+
+def _npy_bytes(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qftsim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = psub.add_parser("validate", help="check profile files; exit 1 if any is invalid")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=_profiles_validate)
+
+    simulate = sub.add_parser("simulate", help="run a .qft model bit-exactly on an input batch")
+    simulate.add_argument("model", help="a .qft IntModel file")
+    simulate.add_argument("--input", required=True, help=".npy batch: integers as quantized, floats are quantized")
+    simulate.add_argument("--dump", metavar="DIR", help="write golden vectors of every layer to DIR")
+    simulate.add_argument("--accumulators", action="store_true", help="with --dump, also dump accumulators")
+    simulate.add_argument("--report", action="store_true", help="print the per-layer accumulator/clamp report")
+    simulate.add_argument("--output", metavar="OUT.npy", help="write the integer output")
+    simulate.set_defaults(func=_simulate)
     return parser
 
 

@@ -63,3 +63,134 @@ def requantize(acc: int, m: int, t: int, rounding: str) -> int:
 
 def divide(x: int, n: int, rounding: str) -> int:
     return round_fraction(Fraction(x, n), rounding)
+
+
+# ------------------------------------------------------------------ naive IntModel executor
+
+class NaiveOverflow(Exception):
+    """The naive executor saw an accumulator overflow under `overflow: error`."""
+
+
+def _accumulate(products, bias: int, acc) -> tuple[int, bool]:
+    """Sum products into an accumulator preloaded with bias, as the profile says; (value, overflowed)."""
+    lo, hi = -(2 ** (acc.bits - 1)), 2 ** (acc.bits - 1) - 1
+    total, overflowed = bias, False
+    for p in products:
+        total += p
+        if acc.overflow == "saturate" and acc.saturate_at == "every_mac":
+            if total < lo or total > hi:
+                overflowed = True
+                total = max(lo, min(hi, total))
+    if acc.overflow == "saturate" and acc.saturate_at == "every_mac":
+        return total, overflowed
+    if lo <= total <= hi:
+        return total, False
+    if acc.overflow == "error":
+        raise NaiveOverflow
+    if acc.overflow == "wrap":
+        return wrap(total, acc.bits), True
+    return max(lo, min(hi, total)), True
+
+
+def _per_channel(arr, o):
+    return int(arr[o]) if len(arr) > 1 else int(arr[0])
+
+
+def run_model(model, x):
+    """Execute an IntModel with loops over Python ints. Returns {output name: nested list}."""
+    import numpy as np
+
+    p = model.profile
+    rounding = p.requant.rounding
+    env = {model.inputs[0].name: np.array(x.tolist(), dtype=object)}
+    for node in model.nodes:
+        ins = [env[s] for s in node.inputs]
+        qin = [model.quant_of(s) for s in node.inputs]
+        a, arr, qo = node.attrs, node.arrays, node.quant
+        if node.op == "conv2d":
+            (xv,), (q,) = ins, qin
+            w = arr["weight"]
+            n_, c_, h_, w_ = xv.shape
+            o_, cg, kh, kw = w.shape
+            og = o_ // a["groups"]
+            shape = model.shapes[node.name]
+            out = np.empty((n_,) + shape, dtype=object)
+            for n in range(n_):
+                for o in range(o_):
+                    g = o // og
+                    for y in range(shape[1]):
+                        for xx in range(shape[2]):
+                            prods = []
+                            for ci in range(cg):
+                                for ky in range(kh):
+                                    for kx in range(kw):
+                                        iy = y * a["stride"][0] - a["padding"][0] + ky * a["dilation"][0]
+                                        ix = xx * a["stride"][1] - a["padding"][1] + kx * a["dilation"][1]
+                                        inside = 0 <= iy < h_ and 0 <= ix < w_
+                                        v = int(xv[n, g * cg + ci, iy, ix]) - q.zero_point if inside else 0
+                                        prods.append(v * int(w[o, ci, ky, kx]))
+                            acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
+                            r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
+                                           rounding) + qo.zero_point
+                            out[n, o, y, xx] = max(a["clamp"][0], min(a["clamp"][1], r))
+        elif node.op == "linear":
+            (xv,), (q,) = ins, qin
+            w = arr["weight"]
+            out = np.empty((xv.shape[0], w.shape[0]), dtype=object)
+            for n in range(xv.shape[0]):
+                for o in range(w.shape[0]):
+                    prods = [(int(xv[n, i]) - q.zero_point) * int(w[o, i]) for i in range(w.shape[1])]
+                    acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
+                    r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
+                                   rounding) + qo.zero_point
+                    out[n, o] = max(a["clamp"][0], min(a["clamp"][1], r))
+        elif node.op == "add":
+            out = np.empty(ins[0].shape, dtype=object)
+            for idx in np.ndindex(*ins[0].shape):
+                total = 0
+                for xv, q, m, t in zip(ins, qin, a["input_multipliers"], a["input_shifts"]):
+                    total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, rounding)
+                r = requantize(total, a["multiplier"], a["shift"], rounding) + qo.zero_point
+                out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
+        elif node.op == "concat":
+            parts = []
+            for xv, q, i in zip(ins, qin, range(len(ins))):
+                part = np.empty(xv.shape, dtype=object)
+                for idx in np.ndindex(*xv.shape):
+                    v = int(xv[idx])
+                    if a["input_multipliers"] is not None:
+                        v = requantize(v - q.zero_point, a["input_multipliers"][i], a["input_shifts"][i],
+                                       rounding) + qo.zero_point
+                        v = max(qo.qmin, min(qo.qmax, v))
+                    part[idx] = v
+                parts.append(part)
+            out = np.concatenate(parts, axis=1)
+        elif node.op in ("maxpool2d", "avgpool2d"):
+            (xv,), (q,) = ins, qin
+            n_, c_, h_, w_ = xv.shape
+            kh, kw = a["kernel"]
+            shape = model.shapes[node.name]
+            out = np.empty((n_,) + shape, dtype=object)
+            for n, c, y, xx in np.ndindex(n_, *shape):
+                vals = []
+                for ky in range(kh):
+                    for kx in range(kw):
+                        iy, ix = y * a["stride"][0] - a["padding"][0] + ky, xx * a["stride"][1] - a["padding"][1] + kx
+                        if 0 <= iy < h_ and 0 <= ix < w_:
+                            vals.append(int(xv[n, c, iy, ix]))
+                if node.op == "maxpool2d":
+                    out[n, c, y, xx] = max(vals)
+                else:
+                    count = kh * kw if a["count_include_pad"] else len(vals)
+                    out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point
+        elif node.op == "clamp":
+            out = np.vectorize(lambda v: max(a["clamp"][0], min(a["clamp"][1], int(v))), otypes=[object])(ins[0])
+        elif node.op == "reshape":
+            out = ins[0].reshape((ins[0].shape[0],) + model.shapes[node.name])
+        elif node.op == "lut":
+            table, qmin = arr["table"], qin[0].qmin
+            out = np.vectorize(lambda v: int(table[int(v) - qmin]), otypes=[object])(ins[0])
+        else:
+            raise NotImplementedError(node.op)
+        env[node.name] = out
+    return {name: env[name].tolist() for name in model.outputs}

@@ -169,3 +169,17 @@ def test_a2q_bound():
     # A weight row at the bound cannot overflow with the worst inputs.
     bound = arith.a2q_l1_bound(16, 4, False)
     assert bound * 15 <= 2**15 - 1
+
+
+@EXAMPLES
+@given(st.lists(st.integers(-(2**20), 2**20), min_size=1, max_size=16), Q31_MULT, st.integers(0, 62),
+       st.sampled_from(ROUNDING_MODES))
+def test_requantize_float64_path_matches_reference(accs, m, t, rounding):
+    """Small accumulators take the float64 fast path; it must give the same integers."""
+    acc = np.array(accs, dtype=np.int64)
+    if rounding == "gemmlowp_double":
+        t = max(t, 31)
+    assert arith._float64_is_exact(acc, np.int64(m), np.int64(t), rounding)
+    fast = arith._requantize_float64(acc.astype(np.float64), np.int64(m), np.int64(t), rounding)
+    slow = arith._requantize_int64(acc, np.int64(m), np.int64(t), rounding)
+    assert fast.astype(np.int64).tolist() == slow.tolist() == [naive.requantize(a, m, t, rounding) for a in accs]

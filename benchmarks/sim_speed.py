@@ -1,0 +1,72 @@
+"""Simulator throughput next to torch fp32 eager on the same network, measured in one run.
+
+    python benchmarks/sim_speed.py [--batch 64] [--channels 32] [--size 32] [--repeats 5]
+
+Target (issue 3): the simulator within 3x of torch fp32 when the profile
+does not saturate at every MAC.
+
+Timing noise on this VM is dominated by page faults of freshly mapped
+buffers (glibc unmaps large blocks on free); the script re-runs itself with
+glibc's mmap/trim thresholds raised, which speeds torch and the simulator
+alike and makes repeated runs agree.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from qftsim import list_profiles
+from qftsim.sim import simulate
+from qftsim.zoo import random_cnn
+
+
+def best_of(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def steady_malloc():
+    """Re-exec with glibc keeping freed large blocks (see the module docstring)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main():
+    steady_malloc()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}, {args.channels}ch {args.size}x{args.size}")
+    print(f"{'profile':24s} {'depthwise':>9s} {'torch fp32 ms':>14s} {'simulator ms':>13s} {'ratio':>6s}  accumulator")
+    for name in list_profiles():
+        for depthwise in (False, True):
+            model, net = random_cnn(name, args.channels, args.size, depthwise=depthwise)
+            rng = np.random.default_rng(0)
+            real = rng.normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)
+            x = model.inputs[0].quant.quantize(real)
+            xt = torch.from_numpy(real)
+            with torch.no_grad():
+                t_torch = best_of(lambda: net(xt), args.repeats)
+            t_sim = best_of(lambda: simulate(model, x), args.repeats)
+            acc = model.profile.accumulator
+            print(f"{name:24s} {str(depthwise):>9s} {t_torch * 1e3:14.1f} {t_sim * 1e3:13.1f} "
+                  f"{t_sim / t_torch:6.2f}  {acc.overflow}/{acc.saturate_at}")
+
+
+if __name__ == "__main__":
+    main()

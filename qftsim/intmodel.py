@@ -1,0 +1,510 @@
+"""IntModel: the integer network handed from training to the simulator and the exporters.
+
+It holds only integers and their attributes plus the quantization of each
+tensor (scale and zero point, so real values can go in and come out). It is
+saved as a `.qft` zip: `manifest.json` (format version, profile, graph,
+attributes) and one `.npy` per array (loaded with allow_pickle=False).
+Loading validates everything against the embedded profile; saving is
+atomic and byte-for-byte deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qftsim import arith
+from qftsim.errors import QftsimError
+from qftsim.profile import HardwareProfile, int_range
+
+FORMAT = "qftsim.intmodel"
+FORMAT_VERSION = 1
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How an integer tensor maps to real values: real = scale * (q - zero_point)."""
+
+    bits: int
+    signed: bool
+    zero_point: int = 0
+    scale: float = 1.0
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return storage_dtype(self.bits, self.signed)
+
+    def quantize(self, real: np.ndarray) -> np.ndarray:
+        """Real values to this tensor's integers (round half to even, clamped)."""
+        q = np.rint(np.asarray(real, dtype=np.float64) / self.scale) + self.zero_point
+        return np.clip(q, self.qmin, self.qmax).astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (np.asarray(q, dtype=np.float64) - self.zero_point) * self.scale
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point, "scale": self.scale}
+
+
+def storage_dtype(bits: int, signed: bool) -> np.dtype:
+    """The smallest numpy integer type that holds a `bits`-wide value."""
+    for width in (8, 16, 32, 64):
+        if bits <= width:
+            return np.dtype(f"{'' if signed else 'u'}int{width}")
+    raise QftsimError(f"no storage type for {bits} bits")
+
+
+@dataclass
+class Node:
+    """One integer op; its output tensor carries the node's name."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    quant: TensorQuant
+    attrs: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInput:
+    name: str
+    shape: tuple[int, ...]  # without the batch dimension
+    quant: TensorQuant
+
+
+@dataclass
+class IntModel:
+    """A validated integer graph in topological order, made for one hardware profile."""
+
+    profile: HardwareProfile
+    inputs: list[ModelInput]
+    nodes: list[Node]
+    outputs: list[str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.shapes = validate(self)
+
+    def quant_of(self, tensor: str) -> TensorQuant:
+        for i in self.inputs:
+            if i.name == tensor:
+                return i.quant
+        return self.node(tensor).quant
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_bytes(self) -> bytes:
+        """The `.qft` file's bytes: deterministic for the same model."""
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "profile": self.profile.to_dict(),
+            "profile_hash": self.profile.hash,
+            "inputs": [{"name": i.name, "shape": list(i.shape), "quant": i.quant.to_dict()} for i in self.inputs],
+            "outputs": list(self.outputs),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "op": n.op,
+                    "inputs": list(n.inputs),
+                    "quant": n.quant.to_dict(),
+                    "attrs": n.attrs,
+                    "arrays": sorted(n.arrays),
+                }
+                for n in self.nodes
+            ],
+        }
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            _write_member(zf, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            for n in self.nodes:
+                for key in sorted(n.arrays):
+                    npy = io.BytesIO()
+                    np.lib.format.write_array(npy, np.ascontiguousarray(n.arrays[key]), allow_pickle=False)
+                    _write_member(zf, f"arrays/{n.name}/{key}.npy", npy.getvalue())
+        return buf.getvalue()
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        atomic_write_bytes(Path(path), self.to_bytes())
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> IntModel:
+    """Read and validate a `.qft` file; any defect raises QftsimError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise QftsimError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "manifest.json" not in names:
+                raise QftsimError(f"{path}: not a qftsim model (no manifest.json)")
+            manifest = json.loads(zf.read("manifest.json"))
+            members = {name: zf.read(name) for name in names if name.startswith("arrays/")}
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+        raise QftsimError(f"{path}: not a readable qftsim model file ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise QftsimError(f"{path}: manifest.json is not valid JSON ({exc})") from None
+    try:
+        return _from_manifest(manifest, members)
+    except QftsimError as exc:
+        raise QftsimError(f"{path}: {exc}") from None
+
+
+def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise QftsimError(f"not a qftsim model (format is not {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QftsimError(f"format_version {version!r}; this qftsim reads version {FORMAT_VERSION}")
+    try:
+        profile = HardwareProfile.from_dict(manifest["profile"], source="manifest.json profile")
+        if manifest["profile_hash"] != profile.hash:
+            raise QftsimError("profile_hash does not match the embedded profile")
+        inputs = [ModelInput(i["name"], tuple(i["shape"]), _quant(i["quant"], f"input {i['name']}"))
+                  for i in manifest["inputs"]]
+        nodes = []
+        for n in manifest["nodes"]:
+            arrays = {}
+            for key in n["arrays"]:
+                member = f"arrays/{n['name']}/{key}.npy"
+                if member not in members:
+                    raise QftsimError(f"node {n['name']!r}: array {key!r} is missing from the file")
+                try:
+                    arrays[key] = np.load(io.BytesIO(members[member]), allow_pickle=False)
+                except ValueError as exc:
+                    raise QftsimError(f"node {n['name']!r}: array {key!r} is unreadable ({exc})") from None
+            nodes.append(Node(n["name"], n["op"], list(n["inputs"]), _quant(n["quant"], f"node {n['name']}"),
+                              dict(n["attrs"]), arrays))
+        return IntModel(profile, inputs, nodes, list(manifest["outputs"]))
+    except (KeyError, TypeError) as exc:
+        raise QftsimError(f"manifest.json: missing or malformed field {exc}") from None
+
+
+def _quant(d: dict, where: str) -> TensorQuant:
+    if set(d) != {"bits", "signed", "zero_point", "scale"}:
+        raise QftsimError(f"{where}: quant needs exactly bits, signed, zero_point, scale")
+    return TensorQuant(int(d["bits"]), bool(d["signed"]), int(d["zero_point"]), float(d["scale"]))
+
+
+# ---------------------------------------------------------------- validation
+
+OP_ATTRS: dict[str, dict] = {
+    # op: {attr: default (None = required)}
+    "conv2d": {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "clamp": None},
+    "linear": {"clamp": None},
+    "add": {"input_multipliers": None, "input_shifts": None, "multiplier": None, "shift": None,
+            "left_shift": None, "clamp": None},
+    "concat": {"input_multipliers": None, "input_shifts": None},
+    "maxpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0]},
+    "avgpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0], "count_include_pad": True},
+    "clamp": {"clamp": None},
+    "reshape": {"shape": None},
+    "lut": {},
+}
+OP_ARRAYS = {
+    "conv2d": ("weight", "bias", "multiplier", "shift"),
+    "linear": ("weight", "bias", "multiplier", "shift"),
+    "lut": ("table",),
+}
+OP_ARITY = {"add": 2}
+
+
+def _err(node: Node, message: str) -> QftsimError:
+    return QftsimError(f"node {node.name!r} ({node.op}): {message}")
+
+
+def _check_range(node: Node, what: str, values, lo: int, hi: int) -> None:
+    values = np.asarray(values)
+    if values.size and (values.min() < lo or values.max() > hi):
+        bad = values.min() if values.min() < lo else values.max()
+        raise _err(node, f"{what} holds {int(bad)}, outside the profile's range [{lo}, {hi}]")
+
+
+def _ints(node: Node, key: str, n: int) -> list[int]:
+    value = node.attrs[key]
+    if not (isinstance(value, list) and len(value) == n and all(type(v) is int for v in value)):
+        raise _err(node, f"attribute {key!r} must be a list of {n} integers, got {value!r}")
+    return value
+
+
+def _window_out(node: Node, size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    out = (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise _err(node, f"window {kernel} (dilation {dilation}) does not fit input size {size} with padding {pad}")
+    return out
+
+
+def _check_requant(node: Node, profile: HardwareProfile, m, t, what: str) -> None:
+    b = profile.requant.multiplier_bits
+    _check_range(node, f"{what} multiplier", m, 0 if b else 1, (1 << b) - 1 if b else 1)
+    _check_range(node, f"{what} shift", t, *profile.requant.shift_range)
+
+
+def _check_activation_quant(node_or_input, quant: TensorQuant, profile: HardwareProfile, where: str) -> None:
+    a = profile.activations
+    if quant.bits != a.bits:
+        raise QftsimError(f"{where}: {quant.bits}-bit activations, the profile has {a.bits}")
+    if a.signed != "auto" and quant.signed != a.signed:
+        raise QftsimError(f"{where}: signed={quant.signed}, the profile requires signed={a.signed}")
+    if not quant.qmin <= quant.zero_point <= quant.qmax:
+        raise QftsimError(f"{where}: zero point {quant.zero_point} outside [{quant.qmin}, {quant.qmax}]")
+    if a.symmetric and quant.zero_point != 0:
+        raise QftsimError(f"{where}: zero point {quant.zero_point}, the profile's activations are symmetric")
+    if not (quant.scale > 0 and np.isfinite(quant.scale)):
+        raise QftsimError(f"{where}: scale must be a positive finite number, got {quant.scale}")
+
+
+def validate(model: IntModel) -> dict[str, tuple[int, ...]]:
+    """Check the graph, attributes, shapes and every integer against the profile; return shapes."""
+    profile = model.profile
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in model.inputs:
+        _check_activation_quant(i, i.quant, profile, f"input {i.name!r}")
+        if not all(type(s) is int and s > 0 for s in i.shape):
+            raise QftsimError(f"input {i.name!r}: shape must be positive integers, got {i.shape}")
+        shapes[i.name] = tuple(i.shape)
+    for node in model.nodes:
+        if node.name in shapes:
+            raise _err(node, "name is used twice")
+        if node.op not in OP_ATTRS:
+            raise _err(node, f"unknown op; accepted: {', '.join(OP_ATTRS)}")
+        if node.op not in profile.ops.supported:
+            raise _err(node, f"op not supported by profile {profile.name}")
+        for src in node.inputs:
+            if src not in shapes:
+                raise _err(node, f"input {src!r} is not produced before this node")
+        arity = OP_ARITY.get(node.op, None if node.op == "concat" else 1)
+        if (arity is not None and len(node.inputs) != arity) or not node.inputs:
+            raise _err(node, f"takes {arity or 'one or more'} inputs, got {len(node.inputs)}")
+        known = OP_ATTRS[node.op]
+        unknown = sorted(set(node.attrs) - set(known))
+        if unknown:
+            raise _err(node, f"unknown attribute {unknown[0]!r}; accepted: {', '.join(known) or 'none'}")
+        for key, default in known.items():
+            if key not in node.attrs:
+                if default is None and key not in ("input_multipliers", "input_shifts"):
+                    raise _err(node, f"attribute {key!r} is missing")
+                node.attrs[key] = default
+        expected = OP_ARRAYS.get(node.op, ())
+        if set(node.arrays) != set(expected):
+            missing = sorted(set(expected) - set(node.arrays)) or sorted(set(node.arrays) - set(expected))
+            raise _err(node, f"array {missing[0]!r} is missing or not expected; needs {', '.join(expected) or 'none'}")
+        for key, arr in node.arrays.items():
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+                raise _err(node, f"array {key!r} must be an integer array, got {getattr(arr, 'dtype', type(arr))}")
+        _check_activation_quant(node, node.quant, profile, f"node {node.name!r} output")
+        in_shapes = [shapes[s] for s in node.inputs]
+        in_quants = [model.quant_of(s) for s in node.inputs]
+        shapes[node.name] = _CHECKS[node.op](node, profile, in_shapes, in_quants)
+        if "clamp" in known:
+            lo, hi = _ints(node, "clamp", 2)
+            if not node.quant.qmin <= lo <= hi <= node.quant.qmax:
+                raise _err(node, f"clamp [{lo}, {hi}] must lie within the output range "
+                                 f"[{node.quant.qmin}, {node.quant.qmax}]")
+    for out in model.outputs:
+        if out not in shapes:
+            raise QftsimError(f"output {out!r} is not a tensor of the graph")
+    if not model.outputs:
+        raise QftsimError("the model has no outputs")
+    return shapes
+
+
+def _check_same_quant(node: Node, in_quants) -> None:
+    if in_quants[0] != node.quant:
+        raise _err(node, "output quantization must equal the input's (this op does not rescale)")
+
+
+def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int) -> None:
+    w, b, m, t = (node.arrays[k] for k in ("weight", "bias", "multiplier", "shift"))
+    _check_range(node, "weight", w, profile.weights.qmin, profile.weights.qmax)
+    if b.shape != (out_channels,):
+        raise _err(node, f"bias shape {b.shape}, expected ({out_channels},)")
+    _check_range(node, "bias", b, *profile.bias.range)
+    allowed = {(out_channels,), (1,)} if profile.requant.per_channel else {(1,)}
+    for key, arr in (("multiplier", m), ("shift", t)):
+        if arr.shape not in allowed:
+            raise _err(node, f"{key} shape {arr.shape}, expected one of {sorted(allowed)}")
+    _check_requant(node, profile, m, t, "output")
+
+
+def _check_conv2d(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    w = node.arrays["weight"]
+    groups = node.attrs["groups"]
+    if w.ndim != 4 or type(groups) is not int or groups < 1:
+        raise _err(node, f"weight must be (O, C/groups, kh, kw) with groups >= 1, got {w.shape}, groups {groups}")
+    o, cg, kh, kw = w.shape
+    if cg * groups != shape[0] or o % groups:
+        raise _err(node, f"weight shape {w.shape} with groups {groups} does not fit {shape[0]} input channels")
+    sh, sw = _ints(node, "stride", 2)
+    dh, dw = _ints(node, "dilation", 2)
+    pt, pl, pb, pr = _ints(node, "padding", 4)
+    if min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
+        raise _err(node, "stride and dilation must be >= 1, padding >= 0")
+    _check_matmul_params(node, profile, o)
+    return (o, _window_out(node, shape[1], kh, sh, pt + pb, dh), _window_out(node, shape[2], kw, sw, pl + pr, dw))
+
+
+def _check_linear(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    w = node.arrays["weight"]
+    if len(shape) != 1 or w.ndim != 2 or w.shape[1] != shape[0]:
+        raise _err(node, f"weight {w.shape} does not fit input {shape} (needs a flat input of {w.shape[-1]})")
+    _check_matmul_params(node, profile, w.shape[0])
+    return (w.shape[0],)
+
+
+def _check_rescales(node, profile, count: int) -> bool:
+    """Validate per-input rescale multipliers; False where the op has none (shared scale)."""
+    ms, ts = node.attrs["input_multipliers"], node.attrs["input_shifts"]
+    if ms is None and ts is None:
+        return False
+    if not (isinstance(ms, list) and isinstance(ts, list) and len(ms) == len(ts) == count
+            and all(type(v) is int for v in ms + ts)):
+        raise _err(node, f"input_multipliers and input_shifts must be lists of {count} integers")
+    _check_requant(node, profile, ms, ts, "input")
+    return True
+
+
+def _check_add(node, profile, in_shapes, in_quants):
+    if in_shapes[0] != in_shapes[1]:
+        raise _err(node, f"input shapes differ: {in_shapes[0]} and {in_shapes[1]}")
+    if not _check_rescales(node, profile, 2):
+        raise _err(node, "input_multipliers and input_shifts are required")
+    for key in ("multiplier", "shift", "left_shift"):
+        if type(node.attrs[key]) is not int:
+            raise _err(node, f"attribute {key!r} must be an integer")
+    _check_requant(node, profile, node.attrs["multiplier"], node.attrs["shift"], "output")
+    if node.attrs["left_shift"] != profile.ops.add_left_shift:
+        raise _err(node, f"left_shift {node.attrs['left_shift']}, the profile's add_left_shift is "
+                         f"{profile.ops.add_left_shift}")
+    # Hardware adds the rescaled inputs in int32: prove the sum cannot leave it.
+    peak_sum = 0
+    for q, m, t in zip(in_quants, node.attrs["input_multipliers"], node.attrs["input_shifts"]):
+        peak = max(q.qmax - q.zero_point, q.zero_point - q.qmin) << node.attrs["left_shift"]
+        ends = arith.requantize(np.array([-peak, peak], dtype=np.int64), m, t, profile.requant.rounding)
+        peak_sum += int(np.abs(ends).max()) if peak < 2**31 else 2**62
+    if peak_sum > arith.INT32_MAX:
+        raise _err(node, "input multipliers and shifts let the rescaled sum exceed int32; "
+                         "use larger input shifts")
+    return in_shapes[0]
+
+
+def _check_concat(node, profile, in_shapes, in_quants):
+    rest = {s[1:] for s in in_shapes}
+    if len(rest) != 1:
+        raise _err(node, f"inputs must agree in all but the channel axis, got {in_shapes}")
+    if _check_rescales(node, profile, len(in_shapes)):
+        if not profile.ops.concat_rescale:
+            raise _err(node, f"profile {profile.name} does not rescale concat inputs (ops.concat_rescale)")
+    elif any(q != node.quant for q in in_quants):
+        raise _err(node, "inputs must share the output's quantization when no rescale is given")
+    return (sum(s[0] for s in in_shapes),) + in_shapes[0][1:]
+
+
+def _check_pool(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    kh, kw = _ints(node, "kernel", 2)
+    sh, sw = _ints(node, "stride", 2)
+    pt, pl, pb, pr = _ints(node, "padding", 4)
+    if min(kh, kw, sh, sw) < 1 or min(pt, pl, pb, pr) < 0 or max(pt, pb) >= kh or max(pl, pr) >= kw:
+        raise _err(node, "kernel and stride must be >= 1 and padding smaller than the kernel")
+    _check_same_quant(node, in_quants)
+    return (shape[0], _window_out(node, shape[1], kh, sh, pt + pb), _window_out(node, shape[2], kw, sw, pl + pr))
+
+
+def _check_clamp(node, profile, in_shapes, in_quants):
+    _check_same_quant(node, in_quants)
+    return in_shapes[0]
+
+
+def _check_reshape(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    target = node.attrs["shape"]
+    if not (isinstance(target, list) and all(type(v) is int and (v > 0 or v == -1) for v in target)
+            and target.count(-1) <= 1):
+        raise _err(node, f"shape must be positive integers with at most one -1, got {target!r}")
+    size = int(np.prod(shape))
+    known = int(np.prod([v for v in target if v != -1]))
+    if -1 in target:
+        if size % known:
+            raise _err(node, f"cannot reshape {shape} to {target}")
+        target = [size // known if v == -1 else v for v in target]
+    if int(np.prod(target)) != size:
+        raise _err(node, f"cannot reshape {shape} to {target}")
+    _check_same_quant(node, in_quants)
+    return tuple(target)
+
+
+def _check_lut(node, profile, in_shapes, in_quants):
+    table = node.arrays["table"]
+    if table.shape != (2 ** in_quants[0].bits,):
+        raise _err(node, f"table shape {table.shape}, expected ({2 ** in_quants[0].bits},) for "
+                         f"{in_quants[0].bits}-bit inputs")
+    _check_range(node, "table", table, node.quant.qmin, node.quant.qmax)
+    return in_shapes[0]
+
+
+_CHECKS = {
+    "conv2d": _check_conv2d,
+    "linear": _check_linear,
+    "add": _check_add,
+    "concat": _check_concat,
+    "maxpool2d": _check_pool,
+    "avgpool2d": _check_pool,
+    "clamp": _check_clamp,
+    "reshape": _check_reshape,
+    "lut": _check_lut,
+}

@@ -1,0 +1,379 @@
+"""Bit-exact execution of an IntModel, with a per-layer accumulator and clamp report.
+
+Arithmetic follows the profile through `qftsim.arith`. Convolutions and
+matrix products run as float32 or float64 torch ops when a static bound
+proves every partial sum is an integer below 2^24 or 2^53 (then any
+summation order is exact), and as int64 otherwise.
+
+MAC order (it matters only for `saturate_at: every_mac`): the accumulator
+starts at the bias, then adds the products of one weight row in its
+flattened order (input channel within the group, kernel row, kernel
+column; for linear, the input index), saturating after every addition.
+Outputs whose partial sums provably stay in range skip the sequential walk.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qftsim import arith
+from qftsim.errors import QftsimError
+from qftsim.intmodel import IntModel, Node, TensorQuant
+
+
+class AccumulatorOverflowWarning(RuntimeWarning):
+    """Some accumulator left the profile's range (wrapped or saturated)."""
+
+
+@dataclass
+class LayerReport:
+    """What one layer did to its integers on the simulated inputs."""
+
+    name: str
+    op: str
+    outputs: int
+    acc_bits: int | None = None
+    acc_min: int | None = None
+    acc_max: int | None = None
+    overflows: int = 0
+    clamp_low: int = 0
+    clamp_high: int = 0
+
+    @property
+    def headroom_bits(self) -> float | None:
+        """Unused accumulator bits: (bits - 1) - log2(max |acc|); negative means overflow."""
+        if self.acc_bits is None:
+            return None
+        peak = max(abs(self.acc_min), abs(self.acc_max), 1)
+        return (self.acc_bits - 1) - math.log2(peak)
+
+    @property
+    def clamp_rate(self) -> float:
+        return (self.clamp_low + self.clamp_high) / max(self.outputs, 1)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["headroom_bits"] = self.headroom_bits
+        d["clamp_rate"] = self.clamp_rate
+        return d
+
+
+@dataclass
+class SimResult:
+    outputs: dict[str, np.ndarray]
+    report: list[LayerReport]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    accumulators: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def overflows(self) -> int:
+        return sum(r.overflows for r in self.report)
+
+
+def format_report(report: list[LayerReport]) -> str:
+    """The per-layer report as a fixed-width table."""
+    lines = [f"{'layer':20s} {'op':9s} {'acc min':>12s} {'acc max':>12s} {'headroom':>9s} "
+             f"{'overflow':>9s} {'clamp lo':>9s} {'clamp hi':>9s}"]
+    for r in report:
+        if r.acc_bits is None:
+            acc = f"{'':12s} {'':12s} {'':9s}"
+        else:
+            acc = f"{r.acc_min:12d} {r.acc_max:12d} {r.headroom_bits:8.1f}b"
+        lines.append(f"{r.name[:20]:20s} {r.op:9s} {acc} {r.overflows:9d} {r.clamp_low:9d} {r.clamp_high:9d}")
+    return "\n".join(lines)
+
+
+def simulate(model: IntModel, inputs, *, keep_tensors: bool = False, keep_accumulators: bool = False) -> SimResult:
+    """Run `model` on integer inputs (one array, or a dict by input name) exactly as its profile says."""
+    env = {name: torch.from_numpy(arr.astype(np.float32)) for name, arr in check_inputs(model, inputs).items()}
+    sim = _Simulator(model, keep_accumulators)
+    for node in model.nodes:
+        env[node.name] = sim.run(node, [env[s] for s in node.inputs]).to(torch.float32)
+    overflowed = [r for r in sim.report if r.overflows]
+    if overflowed:
+        where = ", ".join(f"{r.name} ({r.overflows} outputs)" for r in overflowed)
+        warnings.warn(f"accumulator overflow ({model.profile.accumulator.overflow}) in {where}",
+                      AccumulatorOverflowWarning, stacklevel=2)
+    as_numpy = lambda name: env[name].numpy().astype(model.quant_of(name).dtype)  # noqa: E731
+    return SimResult(
+        outputs={name: as_numpy(name) for name in model.outputs},
+        report=sim.report,
+        tensors={name: as_numpy(name) for name in env} if keep_tensors else {},
+        accumulators=sim.accumulators,
+    )
+
+
+def check_inputs(model: IntModel, inputs) -> dict[str, np.ndarray]:
+    """Inputs by name, checked for shape, integer dtype and the input's integer range."""
+    if not isinstance(inputs, dict):
+        if len(model.inputs) != 1:
+            raise QftsimError(f"the model has {len(model.inputs)} inputs: pass a dict by name")
+        inputs = {model.inputs[0].name: inputs}
+    checked = {}
+    for spec in model.inputs:
+        if spec.name not in inputs:
+            raise QftsimError(f"input {spec.name!r} is missing")
+        arr = np.asarray(inputs[spec.name])
+        if arr.dtype.kind not in "iu":
+            raise QftsimError(f"input {spec.name!r}: integer data expected, got {arr.dtype} "
+                              "(quantize real values with the model's input quantization first)")
+        if arr.shape[1:] != spec.shape or arr.ndim != len(spec.shape) + 1:
+            raise QftsimError(f"input {spec.name!r}: shape {arr.shape}, expected (batch, {', '.join(map(str, spec.shape))})")
+        if arr.size and (arr.min() < spec.quant.qmin or arr.max() > spec.quant.qmax):
+            raise QftsimError(f"input {spec.name!r}: values outside [{spec.quant.qmin}, {spec.quant.qmax}]")
+        checked[spec.name] = arr
+    return checked
+
+
+def _float_dtype_for(bound: int) -> torch.dtype | None:
+    """A float type whose integer sums up to `bound` are exact in any order, or None."""
+    if bound < 2**24:
+        return torch.float32
+    if bound < 2**53:
+        return torch.float64
+    return None
+
+
+def _max_abs_centered(q: TensorQuant) -> int:
+    return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
+
+
+class _Simulator:
+    """Executes nodes on float tensors that hold integers, exactly.
+
+    Activations (at most 16 bits) live in float32; accumulators and
+    requantization use float64 (or int64) as the bounds require.
+    """
+
+    def __init__(self, model: IntModel, keep_accumulators: bool):
+        self.model = model
+        self.profile = model.profile
+        self.rounding = model.profile.requant.rounding
+        self.report: list[LayerReport] = []
+        self.keep_accumulators = keep_accumulators
+        self.accumulators: dict[str, np.ndarray] = {}
+
+    def run(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        in_quants = [self.model.quant_of(s) for s in node.inputs]
+        return getattr(self, f"_{node.op}")(node, xs, in_quants)
+
+    # ------------------------------------------------------------ matmul ops
+
+    def _conv2d(self, node, xs, in_quants):
+        (x,), (q,) = xs, in_quants
+        a = node.attrs
+        w = node.arrays["weight"].astype(np.int64)
+        pt, pl, pb, pr = a["padding"]
+        centered = x - q.zero_point if q.zero_point else x
+        if pt == pb and pl == pr:
+            conv_padding = (pt, pl)  # let the conv pad: no padded copy on the fast path
+        else:
+            centered, conv_padding = F.pad(centered, (pl, pr, pt, pb)), (0, 0)
+
+        def padded(inp):
+            return F.pad(inp, (conv_padding[1],) * 2 + (conv_padding[0],) * 2) if any(conv_padding) else inp
+
+        def matmul(inp, weight, dtype):
+            return F.conv2d(inp.to(dtype), weight.to(dtype), stride=a["stride"], padding=conv_padding,
+                            dilation=a["dilation"], groups=a["groups"])
+
+        def int64_matmul(inp, weight):
+            return _conv2d_int64(padded(inp), weight, a["stride"], a["dilation"], a["groups"])
+
+        def terms(flat_index, shape):
+            return _conv_terms(padded(centered), w, a, flat_index, shape)
+
+        return self._matmul_layer(node, centered, torch.from_numpy(w), q, matmul, int64_matmul, terms)
+
+    def _linear(self, node, xs, in_quants):
+        (x,), (q,) = xs, in_quants
+        w = node.arrays["weight"].astype(np.int64)
+        centered = x - q.zero_point
+
+        def matmul(inp, weight, dtype):
+            return inp.to(dtype) @ weight.to(dtype).T
+
+        def int64_matmul(inp, weight):
+            return inp @ weight.T
+
+        def terms(flat_index, shape):
+            n, o = np.unravel_index(flat_index, shape)
+            return centered[n].to(torch.int64) * torch.from_numpy(w[o])
+
+        return self._matmul_layer(node, centered, torch.from_numpy(w), q, matmul, int64_matmul, terms)
+
+    def _exact_accumulate(self, matmul, int64_matmul, inp, weight, bias, bound: int):
+        """bias + inp (x) weight exactly: in float32 or float64 where the bound allows, else int64."""
+        channel_shape = (1, -1) + (1,) * (inp.dim() - 2)
+        dtype = _float_dtype_for(bound + (int(bias.abs().max()) if bias.numel() else 0))
+        if dtype is None:
+            return int64_matmul(inp.to(torch.int64), weight).add_(bias.view(channel_shape))
+        return matmul(inp, weight, dtype).add_(bias.to(dtype).view(channel_shape))
+
+    def _matmul_layer(self, node, centered, weight, q_in, matmul, int64_matmul, terms):
+        """Exact sum of products, bias, accumulator semantics, requantization, clamp."""
+        acc_spec = self.profile.accumulator
+        lo, hi = acc_spec.range
+        channel_shape = (1, -1) + (1,) * (centered.dim() - 2)
+        bias = torch.from_numpy(node.arrays["bias"].astype(np.int64))
+        w_peak = int(weight.abs().max()) if weight.numel() else 0
+        bound = int(weight[0].numel()) * _max_abs_centered(q_in) * w_peak
+        exact = self._exact_accumulate(matmul, int64_matmul, centered, weight, bias, bound)
+        acc_min, acc_max = (int(v) for v in torch.aminmax(exact)) if exact.numel() else (0, 0)
+        rep = LayerReport(node.name, node.op, exact.numel(), acc_spec.bits, acc_min, acc_max)
+        in_range = lo <= acc_min and acc_max <= hi
+        outside = None if in_range else (exact < lo) | (exact > hi)
+        if acc_spec.saturate_at == "every_mac":
+            acc, outside = self._saturate_every_mac(centered, weight, bias, exact, matmul, int64_matmul, terms, q_in)
+        elif in_range:
+            acc = exact
+        elif acc_spec.overflow == "error":
+            raise QftsimError(f"layer {node.name!r}: accumulator overflow in {int(outside.sum())} outputs "
+                              f"(range [{lo}, {hi}], seen [{acc_min}, {acc_max}]); "
+                              "the profile says accumulator.overflow: error")
+        elif acc_spec.overflow == "wrap":
+            acc = arith.wrap(exact, acc_spec.bits)
+        else:
+            acc = arith.saturate(exact, acc_spec.bits)
+        rep.overflows = 0 if outside is None else int(outside.sum())
+        if self.keep_accumulators:
+            self.accumulators[node.name] = acc.numpy().astype(np.int32 if acc_spec.bits <= 32 else np.int64)
+        m = torch.from_numpy(node.arrays["multiplier"].astype(np.int64)).view(channel_shape)
+        t = torch.from_numpy(node.arrays["shift"].astype(np.int64)).view(channel_shape)
+        peak = max(-acc_min, acc_max) if outside is None else None
+        y = arith.requantize(acc, m, t, self.rounding, acc_peak=peak).add_(node.quant.zero_point)
+        return self._apply_clamp(node, y, rep)
+
+    def _saturate_every_mac(self, centered, weight, bias, exact, matmul, int64_matmul, terms, q_in):
+        """Saturate after every MAC: sequential only where |bias| + sum |products| can leave the range."""
+        lo, hi = self.profile.accumulator.range
+        abs_w = weight.abs()
+        row_l1 = abs_w.reshape(abs_w.shape[0], -1).sum(dim=1)
+        if int((row_l1 * _max_abs_centered(q_in) + bias.abs()).max()) <= hi:
+            return exact, None  # no partial sum can leave the range (e.g. an A2Q-bounded layer)
+        bound = int(abs_w[0].numel()) * _max_abs_centered(q_in) * int(abs_w.max())
+        risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_w, bias.abs(), bound) > hi
+        acc = exact.to(torch.int64)
+        outside = torch.zeros_like(acc, dtype=torch.bool)
+        if risky.any():
+            flat = torch.nonzero(risky.flatten()).flatten().numpy()
+            prods = terms(flat, tuple(exact.shape))
+            channels = np.unravel_index(flat, tuple(exact.shape))[1]
+            running = bias[channels].clone()
+            hit = torch.zeros(len(flat), dtype=torch.bool)
+            for k in range(prods.shape[1]):
+                running = running + prods[:, k]
+                hit |= (running < lo) | (running > hi)
+                running = running.clamp(lo, hi)
+            acc.view(-1)[flat] = running
+            outside.view(-1)[flat] = hit
+        return acc, outside
+
+    # ------------------------------------------------------------ other ops
+
+    def _apply_clamp(self, node, y, rep):
+        """The fused output clamp (in place on `y`, which the caller owns), counting values it cut."""
+        lo, hi = node.attrs["clamp"]
+        y_min, y_max = (float(v) for v in torch.aminmax(y)) if y.numel() else (lo, hi)
+        rep.clamp_low = int(torch.count_nonzero(y < lo)) if y_min < lo else 0
+        rep.clamp_high = int(torch.count_nonzero(y > hi)) if y_max > hi else 0
+        self.report.append(rep)
+        return y.clamp_(lo, hi)
+
+    def _add(self, node, xs, in_quants):
+        a = node.attrs
+        total = 0
+        for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"]):
+            shifted = (x.to(torch.float64) - q.zero_point) * 2.0 ** a["left_shift"]
+            total = total + arith.requantize(shifted, m, t, self.rounding)
+        y = arith.requantize(total, a["multiplier"], a["shift"], self.rounding) + node.quant.zero_point
+        return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
+
+    def _concat(self, node, xs, in_quants):
+        a = node.attrs
+        if a["input_multipliers"] is not None:
+            out_q = node.quant
+            xs = [(arith.requantize(x.to(torch.float64) - q.zero_point, m, t, self.rounding) + out_q.zero_point)
+                  .clamp(out_q.qmin, out_q.qmax)
+                  for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"])]
+        y = torch.cat(xs, dim=1)
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+    def _maxpool2d(self, node, xs, in_quants):
+        (x,) = xs
+        a = node.attrs
+        pt, pl, pb, pr = a["padding"]
+        padded = F.pad(x, (pl, pr, pt, pb), value=-math.inf)
+        y = F.max_pool2d(padded, a["kernel"], a["stride"])
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+    def _avgpool2d(self, node, xs, in_quants):
+        (x,), (q,) = xs, in_quants
+        a = node.attrs
+        kh, kw = a["kernel"]
+        pt, pl, pb, pr = a["padding"]
+        dtype = _float_dtype_for(kh * kw * _max_abs_centered(q)) or torch.float64
+
+        def window_sum(t):
+            padded = F.pad(t.to(dtype), (pl, pr, pt, pb))
+            return F.avg_pool2d(padded, (kh, kw), a["stride"], divisor_override=1).to(torch.float64)
+
+        total = window_sum(x - q.zero_point)
+        if a["count_include_pad"]:
+            count = kh * kw
+        else:
+            count = window_sum(torch.ones_like(x[:1, :1]))
+        y = arith.divide_rounded(total, count, self.rounding) + q.zero_point
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+    def _clamp(self, node, xs, in_quants):
+        return self._apply_clamp(node, xs[0].clone(), LayerReport(node.name, node.op, xs[0].numel()))
+
+    def _reshape(self, node, xs, in_quants):
+        (x,) = xs
+        self.report.append(LayerReport(node.name, node.op, x.numel()))
+        return x.reshape((x.shape[0],) + self.model.shapes[node.name])
+
+    def _lut(self, node, xs, in_quants):
+        (x,), (q,) = xs, in_quants
+        table = torch.from_numpy(node.arrays["table"].astype(np.float64))
+        y = table[(x - q.qmin).to(torch.int64)]
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+
+def _conv2d_int64(padded, weight, stride, dilation, groups):
+    """Exact integer convolution by unfold + int64 matmul (for sums past 2^53)."""
+    n, c, h, w = padded.shape
+    o, cg, kh, kw = weight.shape
+    cols = F.unfold(padded.to(torch.float64), (kh, kw), dilation=dilation, stride=stride).to(torch.int64)
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = cols.view(n, groups, cg * kh * kw, ho * wo)
+    wg = weight.reshape(groups, o // groups, cg * kh * kw)
+    out = torch.einsum("gok,ngkl->ngol", wg, cols)
+    return out.reshape(n, o, ho, wo)
+
+
+def _conv_terms(padded, weight, attrs, flat_index, shape):
+    """The int64 products of the flagged conv outputs, one row per output, in MAC order."""
+    n_idx, o_idx, y_idx, x_idx = np.unravel_index(flat_index, shape)
+    o, cg, kh, kw = weight.shape
+    group = o_idx // (o // attrs["groups"])
+    sh, sw = attrs["stride"]
+    dh, dw = attrs["dilation"]
+    ci = group[:, None] * cg + np.arange(cg)[None, :]                      # (F, cg)
+    ky = y_idx[:, None] * sh + np.arange(kh)[None, :] * dh                 # (F, kh)
+    kx = x_idx[:, None] * sw + np.arange(kw)[None, :] * dw                 # (F, kw)
+    patch = padded[n_idx[:, None, None, None], ci[:, :, None, None], ky[:, None, :, None], kx[:, None, None, :]]
+    weights = torch.from_numpy(weight[o_idx].reshape(len(flat_index), -1))
+    return patch.reshape(len(flat_index), -1).to(torch.int64) * weights

@@ -1,0 +1,170 @@
+"""The .qft format: round trip, determinism, and a named error for every kind of defect."""
+
+import io
+import json
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qftsim import QftsimError, golden, intmodel
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+from qftsim.zoo import random_cnn
+from tests import gen
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_round_trip_is_exact_and_deterministic(tmp_path_factory, data):
+    model = data.draw(gen.int_models())
+    path = tmp_path_factory.mktemp("rt") / "m.qft"
+    model.save(path)
+    loaded = intmodel.load(path)
+    assert loaded.to_bytes() == model.to_bytes() == path.read_bytes()
+    assert loaded.hash == model.hash
+    x = data.draw(gen.model_inputs(model))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+            a, b = simulate(model, x), simulate(loaded, x)
+    except QftsimError:
+        return
+    for name in model.outputs:
+        assert np.array_equal(a.outputs[name], b.outputs[name])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, _ = random_cnn(channels=4, size=6)
+    path = tmp_path / "m.qft"
+    model.save(path)
+    return model, path
+
+
+def _rewrite(path, edit_manifest=None, drop=None, replace=None):
+    """Copy a .qft with the manifest edited, a member dropped, or a member replaced."""
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    if edit_manifest:
+        manifest = json.loads(members["manifest.json"])
+        edit_manifest(manifest)
+        members["manifest.json"] = json.dumps(manifest).encode()
+    if drop:
+        del members[drop]
+    if replace:
+        members.update(replace)
+    out = path.with_name("edited.qft")
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    return out
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _set(path, value):
+    def edit(manifest):
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+CORRUPTIONS = {
+    "wrong version": (dict(edit_manifest=_set(["format_version"], 99)), "format_version"),
+    "foreign format": (dict(edit_manifest=_set(["format"], "onnx")), "not a qftsim model"),
+    "missing array": (dict(drop="arrays/conv1/weight.npy"), "'conv1'.*weight.*missing"),
+    "weight out of range": (dict(replace={"arrays/conv0/weight.npy": _npy(np.full((4, 3, 3, 3), -128, np.int8))}),
+                            "'conv0'.*weight holds -128"),
+    "shape mismatch": (dict(replace={"arrays/conv1/weight.npy": _npy(np.zeros((4, 3, 3, 3), np.int8))}),
+                       "'conv1'.*does not fit"),
+    "bias shape": (dict(replace={"arrays/fc/bias.npy": _npy(np.zeros(3, np.int32))}), "'fc'.*bias shape"),
+    "float array": (dict(replace={"arrays/fc/bias.npy": _npy(np.zeros(10, np.float32))}), "'fc'.*integer array"),
+    "pickled array": (dict(replace={"arrays/fc/bias.npy": _npy(np.array([{}], dtype=object))}), "'fc'.*unreadable"),
+    "shift out of range": (dict(replace={"arrays/fc/shift.npy": _npy(np.array([70] * 10, np.int32))}),
+                           "'fc'.*output shift holds 70"),
+    "unknown op": (dict(edit_manifest=lambda m: m["nodes"][0].update(op="softmax")), "'conv0'.*unknown op"),
+    "dangling input": (dict(edit_manifest=lambda m: m["nodes"][1].update(inputs=["nope"])), "'conv1'.*'nope'"),
+    "profile hash": (dict(edit_manifest=_set(["profile_hash"], "0" * 16)), "profile_hash"),
+    "missing field": (dict(edit_manifest=lambda m: m.pop("outputs")), "missing or malformed field 'outputs'"),
+    "zero point out of range": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(zero_point=500)),
+                                "conv0.*zero point 500"),
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupt_files_name_the_problem(saved, kind):
+    _, path = saved
+    change, pattern = CORRUPTIONS[kind]
+    bad = _rewrite(path, **change)
+    with pytest.raises(QftsimError, match=pattern) as info:
+        intmodel.load(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_truncated_and_non_zip_files(saved, tmp_path):
+    _, path = saved
+    cut = tmp_path / "cut.qft"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(QftsimError, match="not a readable"):
+        intmodel.load(cut)
+    text = tmp_path / "text.qft"
+    text.write_text("hello")
+    with pytest.raises(QftsimError, match="not a readable"):
+        intmodel.load(text)
+    with pytest.raises(QftsimError, match="no such file"):
+        intmodel.load(tmp_path / "absent.qft")
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    model, path = saved
+    before = path.read_bytes()
+    monkeypatch.setattr(intmodel.IntModel, "to_bytes", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_golden_vectors_reload_to_the_same_integers(saved, tmp_path):
+    model, _ = saved
+    x = np.random.default_rng(1).integers(-128, 128, size=(2, 3, 6, 6)).astype(np.int8)
+    manifest = golden.dump(model, x, tmp_path / "gold", accumulators=True)
+    tensors = simulate(model, x, keep_tensors=True).tensors
+    assert [e["name"] for e in manifest["tensors"]] == ["x"] + [n.name for n in model.nodes]
+    for entry in manifest["tensors"]:
+        npy = np.load(tmp_path / "gold" / entry["npy"])
+        assert np.array_equal(npy, tensors[entry["name"]])
+        hex_vals = golden.from_hex_lines((tmp_path / "gold" / entry["hex"]).read_text(), entry["bits"],
+                                         entry["signed"])
+        assert np.array_equal(hex_vals, npy.ravel().astype(np.int64))
+    assert "accumulator" in manifest["tensors"][1]
+    with pytest.raises(QftsimError, match="not empty"):
+        golden.dump(model, x, tmp_path / "gold")
+
+
+def test_cli_simulate(saved, tmp_path):
+    model, path = saved
+    x = np.random.default_rng(2).normal(size=(3, 3, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cmd = [sys.executable, "-m", "qftsim.cli", "simulate", str(path), "--input", str(tmp_path / "x.npy"),
+           "--report", "--dump", str(tmp_path / "gold"), "--output", str(tmp_path / "y.npy")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "real values quantized" in res.stdout and "headroom" in res.stdout and "conv1" in res.stdout
+    expected = simulate(model, model.inputs[0].quant.quantize(x)).outputs["fc"]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), expected)
+    gold = json.loads((tmp_path / "gold" / "manifest.json").read_text())
+    assert np.array_equal(np.load(tmp_path / "gold" / gold["tensors"][-1]["npy"]), expected)
+    np.save(tmp_path / "bad.npy", np.zeros((1, 5), np.int8))
+    res = subprocess.run(cmd[:6] + [str(tmp_path / "bad.npy")], capture_output=True, text=True)
+    assert res.returncode == 2 and "shape (1, 5)" in res.stderr

@@ -1,0 +1,83 @@
+"""The simulator equals the naive Python-int executor on generated IntModels."""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qftsim import QftsimError
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+from tests import gen, naive
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_simulator_equals_naive_reference(data):
+    model = data.draw(gen.int_models())
+    x = data.draw(gen.model_inputs(model))
+    try:
+        expected = naive.run_model(model, x)
+    except naive.NaiveOverflow:
+        with pytest.raises(QftsimError, match="accumulator overflow"):
+            simulate(model, x)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        result = simulate(model, x)
+    for name in model.outputs:
+        got = result.outputs[name]
+        assert got.dtype == model.quant_of(name).dtype
+        assert got.tolist() == expected[name], name
+
+
+def _one_linear(overflow, saturate_at="final", weights=(127, 127, 127, -127), acc_bits=16):
+    from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+    from qftsim.profile import HardwareProfile, load_profile
+
+    d = load_profile("int8-default").to_dict()
+    d["accumulator"].update(bits=acc_bits, overflow=overflow, saturate_at=saturate_at)
+    d["bias"]["bits"] = 16
+    p = HardwareProfile.from_dict(d)
+    q = TensorQuant(8, True, 0, 1.0)
+    node = Node("fc", "linear", ["x"], q, {"clamp": [-128, 127]},
+                {"weight": np.array([weights], np.int8), "bias": np.zeros(1, np.int32),
+                 "multiplier": np.array([2**30], np.int32), "shift": np.array([38], np.int32)})
+    return IntModel(p, [ModelInput("x", (len(weights),), q)], [node], ["fc"])
+
+
+def test_saturation_order_matters_and_is_reported():
+    """127*127*3 overflows a 16-bit accumulator midway; the final sum (32258) does not."""
+    x = np.array([[127, 127, 127, 127]], np.int8)
+    # exact 32258 -> 32258 * 2^30 / 2^38 = 126.01 -> 126
+    wrap = simulate(_one_linear("wrap"), x)
+    assert wrap.outputs["fc"].tolist() == [[126]] and wrap.overflows == 0
+    final = simulate(_one_linear("saturate", "final"), x)
+    assert final.outputs["fc"].tolist() == [[126]] and final.overflows == 0
+    with pytest.warns(AccumulatorOverflowWarning, match="fc"):
+        every = simulate(_one_linear("saturate", "every_mac"), x)
+    # 16129 -> 32258 -> 32767 (saturated) -> 16638 -> 16638 / 256 = 64.99 -> 65
+    assert every.outputs["fc"].tolist() == [[65]]
+    assert every.report[0].overflows == 1
+
+
+def test_overflow_error_names_the_layer_and_wrap_warns():
+    x = np.array([[127, 127, 127]], np.int8)
+    with pytest.raises(QftsimError, match="layer 'fc'.*accumulator overflow"):
+        simulate(_one_linear("error", weights=(127, 127, 127)), x)
+    with pytest.warns(AccumulatorOverflowWarning, match="fc"):
+        res = simulate(_one_linear("wrap", weights=(127, 127, 127)), x)
+    rep = res.report[0]
+    assert (rep.acc_max, rep.overflows) == (48387, 1) and rep.headroom_bits < 0
+    # 48387 wraps to -17149 in 16 bits: -17149 / 256 = -66.99 -> -67
+    assert res.outputs["fc"].tolist() == [[-67]] and rep.clamp_low == 0
+
+
+def test_input_checks():
+    model = _one_linear("wrap")
+    with pytest.raises(QftsimError, match="integer data expected"):
+        simulate(model, np.zeros((1, 4), np.float32))
+    with pytest.raises(QftsimError, match="shape"):
+        simulate(model, np.zeros((1, 5), np.int8))
+    with pytest.raises(QftsimError, match="outside"):
+        simulate(model, np.full((1, 4), 300, np.int16))
