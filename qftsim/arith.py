@@ -26,12 +26,30 @@ INT32_MAX = 2**31 - 1
 
 # ---------------------------------------------------------------- backends
 
+# Symbolic int64 tensor types (the TVM exporter's) that implement Python's
+# integer operators, comparisons, astype and clip: the int64 formulas below
+# run on them unchanged, so the compiled model computes these very formulas.
+_EXPR_TYPES: tuple[type, ...] = ()
+
+
+def register_expression_type(cls: type) -> None:
+    """Let the integer paths accept `cls` (symbolic int64 tensors); the float paths never see it."""
+    global _EXPR_TYPES
+    _EXPR_TYPES = (*_EXPR_TYPES, cls)
+
+
+def _is_expr(x) -> bool:
+    return isinstance(x, _EXPR_TYPES)
+
+
 def _is_torch(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
 def _to_int64(x, like=None):
     """x as an int64 array of the same library (numpy for Python scalars)."""
+    if _is_expr(x):
+        return x
     if _is_torch(x):
         return x.to(torch.int64)
     if like is not None and _is_torch(like):
@@ -41,6 +59,8 @@ def _to_int64(x, like=None):
 
 def _restore(result, original):
     """Cast a result to the caller's type: its integer dtype, or float64 for any float tensor (exact)."""
+    if _is_expr(original):
+        return result
     if _is_torch(original):
         return result.to(torch.float64 if original.is_floating_point() else original.dtype)
     if isinstance(original, np.ndarray):
@@ -53,6 +73,8 @@ def _where(cond, a, b):
 
 
 def _clip(x, lo, hi):
+    if _is_expr(x):
+        return x.clip(lo, hi)
     if _is_torch(x):
         lo_t = lo if _is_torch(lo) else torch.as_tensor(lo, dtype=torch.int64, device=x.device)
         hi_t = hi if _is_torch(hi) else torch.as_tensor(hi, dtype=torch.int64, device=x.device)
@@ -105,7 +127,7 @@ def divide_rounded(x, divisor, rounding: str):
     """
     v = _to_int64(x)
     n = _to_int64(divisor, like=v)
-    q = torch.div(v, n, rounding_mode="floor") if _is_torch(v) else np.floor_divide(v, n)
+    q = v // n
     r2 = 2 * (v - q * n)
     if rounding == "floor":
         return _restore(q, x)
@@ -167,7 +189,7 @@ def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = N
     """
     m = _to_int64(multiplier, like=acc)
     t = _to_int64(shift, like=acc)
-    if _float64_is_exact(acc if acc_peak is None else acc_peak, m, t, rounding):
+    if not _is_expr(acc) and _float64_is_exact(acc if acc_peak is None else acc_peak, m, t, rounding):
         return _restore(_requantize_float64(acc, m, t, rounding), acc)
     return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
 

@@ -102,6 +102,55 @@ def _npy_bytes(arr) -> bytes:
     return buf.getvalue()
 
 
+def _export(args) -> int:
+    from export import export_library
+    from qftsim import intmodel
+
+    model = intmodel.load(args.model)
+    sidecar = export_library(model, args.output, args.target)
+    print(f"compiled {args.model} for {sidecar['target_string']}: {args.output} (+ {Path(args.output).name}.json)")
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    import warnings
+
+    import numpy as np
+
+    import export
+    from qftsim import intmodel
+    from qftsim.sim import simulate
+
+    model = intmodel.load(args.model)
+    compiled = export.load(args.library)
+    spec = model.inputs[0]
+    rng = np.random.default_rng(args.seed)
+    x = rng.integers(spec.quant.qmin, spec.quant.qmax + 1, size=(args.samples, *spec.shape)).astype(spec.quant.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = simulate(model, x).outputs
+    got = compiled.run(x)
+    status = EXIT_OK
+    for name, want in expected.items():
+        have = got.get(name)
+        if have is None or have.shape != want.shape:
+            print(f"output {name}: MISSING or shape {None if have is None else have.shape} != {want.shape}")
+            status = EXIT_CHECK_FAILED
+            continue
+        diff = np.argwhere(have != want)
+        if len(diff):
+            index = tuple(int(i) for i in diff[0])
+            print(f"output {name}: DIFFERS in {len(diff)} of {want.size} values; first at index {index}: "
+                  f"compiled {have[index]}, simulator {want[index]}")
+            status = EXIT_CHECK_FAILED
+        else:
+            print(f"output {name}: equal ({want.size} values, {args.samples} samples)")
+    if compiled.model_hash != model.hash:
+        print(f"the library was built from model {compiled.model_hash}, not {args.model} ({model.hash})")
+        status = EXIT_CHECK_FAILED
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qftsim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--report", action="store_true", help="print the per-layer accumulator/clamp report")
     simulate.add_argument("--output", metavar="OUT.npy", help="write the integer output")
     simulate.set_defaults(func=_simulate)
+
+    export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar")
+    export.add_argument("model")
+    export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"])
+    export.add_argument("-o", "--output", required=True, metavar="OUT.so")
+    export.set_defaults(func=_export)
+
+    verify = sub.add_parser("verify", help="run a .qft model and its compiled library on the same inputs; "
+                                           "exit 1 on any difference")
+    verify.add_argument("model")
+    verify.add_argument("library")
+    verify.add_argument("--samples", type=int, default=16)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(func=_verify)
     return parser
 
 

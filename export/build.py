@@ -1,0 +1,185 @@
+"""Compile an IntModel with TVM, export a shared library with a JSON sidecar, load and run it.
+
+The sidecar (`OUT.so.json`) records the format version, the IntModel's
+hash, the profile, the input/output quantization, the target and the
+library's SHA-256, so that `load` refuses a library that is not the one the
+sidecar describes and inputs of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qftsim.errors import QftsimError
+from qftsim.intmodel import IntModel, TensorQuant, atomic_write_bytes
+
+SIDECAR_FORMAT = "qftsim.tvm"
+SIDECAR_VERSION = 1
+TARGETS = ("host", "x86-64", "aarch64")
+AARCH64_GCC = "aarch64-linux-gnu-gcc"
+
+
+def resolve_target(name: str):
+    """A tvm.target.Target for 'host' (this CPU), 'x86-64' (generic) or 'aarch64' (cross)."""
+    import tvm
+
+    if name == "host":
+        return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if name == "x86-64":
+        return tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    if name == "aarch64":
+        return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    raise QftsimError(f"unknown target {name!r}; accepted: {', '.join(TARGETS)}")
+
+
+def _build(model: IntModel, target: str):
+    import tvm
+
+    from export.lower import lower
+
+    return tvm.compile(lower(model), target=resolve_target(target))
+
+
+def compile_model(model: IntModel, target: str = "host") -> "CompiledModel":
+    """Compile in memory for this machine ('host' or 'x86-64') and return a runnable model."""
+    if target == "aarch64":
+        raise QftsimError("an aarch64 build cannot run here: use export_library and run it on the target")
+    return CompiledModel(_vm(_build(model, target)), _sidecar(model, target, library_sha256=None))
+
+
+def export_library(model: IntModel, path: str | Path, target: str = "host") -> dict:
+    """Compile and write `path` (a shared library) and `path`.json (its sidecar), each atomically."""
+    import tvm
+
+    path = Path(path)
+    fcompile = None
+    if target == "aarch64":
+        if shutil.which(AARCH64_GCC) is None:
+            raise QftsimError(f"cross toolchain {AARCH64_GCC} not found: install Debian's gcc-aarch64-linux-gnu "
+                              "(apt-get install gcc-aarch64-linux-gnu)")
+        fcompile = tvm.support.cc.cross_compiler(AARCH64_GCC)
+    executable = _build(model, target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        lib = Path(tmp) / path.name
+        if fcompile is None:
+            executable.export_library(str(lib))
+        else:
+            executable.export_library(str(lib), fcompile=fcompile)
+        data = lib.read_bytes()
+    sidecar = _sidecar(model, target, hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(_sidecar_path(path), json.dumps(sidecar, indent=1).encode())
+    return sidecar
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _sidecar(model: IntModel, target: str, library_sha256: str | None) -> dict:
+    def spec(name, shape):
+        return {"name": name, "shape": list(shape), "quant": model.quant_of(name).to_dict()}
+
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "model_hash": model.hash,
+        "profile": model.profile.name,
+        "profile_hash": model.profile.hash,
+        "target": target,
+        "target_string": str(resolve_target(target)),
+        "library_sha256": library_sha256,
+        "inputs": [spec(i.name, i.shape) for i in model.inputs],
+        "outputs": [spec(name, model.shapes[name]) for name in model.outputs],
+    }
+
+
+def _vm(module):
+    import tvm
+    from tvm.runtime import vm
+
+    return vm.VirtualMachine(module, tvm.cpu())
+
+
+def load(path: str | Path) -> "CompiledModel":
+    """Load an exported library with its sidecar, refusing a pair that does not match."""
+    import tvm
+
+    path = Path(path)
+    side = _sidecar_path(path)
+    if not path.is_file():
+        raise QftsimError(f"{path}: no such library")
+    if not side.is_file():
+        raise QftsimError(f"{path}: its sidecar {side.name} is missing")
+    try:
+        sidecar = json.loads(side.read_text())
+        ok = sidecar.get("format") == SIDECAR_FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise QftsimError(f"{side}: not a qftsim TVM sidecar")
+    if sidecar.get("format_version") != SIDECAR_VERSION:
+        raise QftsimError(f"{side}: format_version {sidecar.get('format_version')!r}, this qftsim reads "
+                          f"{SIDECAR_VERSION}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sidecar.get("library_sha256"):
+        raise QftsimError(f"{path}: the library does not match its sidecar (SHA-256 differs): "
+                          "re-export both together")
+    if sidecar["target"] == "aarch64":
+        raise QftsimError(f"{path}: built for aarch64; it runs on the target, not on this machine")
+    return CompiledModel(_vm(tvm.runtime.load_module(str(path))), sidecar)
+
+
+def _quant(d: dict) -> TensorQuant:
+    return TensorQuant(d["bits"], d["signed"], d["zero_point"], d["scale"])
+
+
+@dataclass
+class CompiledModel:
+    """A compiled integer model: integer (or real, quantized here) inputs in, integer outputs out."""
+
+    vm: object
+    sidecar: dict
+
+    @property
+    def model_hash(self) -> str:
+        return self.sidecar["model_hash"]
+
+    def run(self, inputs) -> dict[str, np.ndarray]:
+        """Outputs by name for one input array (or a dict by name); float inputs are quantized first."""
+        import tvm
+
+        specs = self.sidecar["inputs"]
+        if not isinstance(inputs, dict):
+            if len(specs) != 1:
+                raise QftsimError(f"the model has {len(specs)} inputs: pass a dict by name")
+            inputs = {specs[0]["name"]: inputs}
+        args = []
+        for spec in specs:
+            if spec["name"] not in inputs:
+                raise QftsimError(f"input {spec['name']!r} is missing")
+            q = _quant(spec["quant"])
+            arr = np.asarray(inputs[spec["name"]])
+            if arr.ndim != len(spec["shape"]) + 1 or list(arr.shape[1:]) != spec["shape"]:
+                raise QftsimError(f"input {spec['name']!r}: shape {arr.shape}, expected "
+                                  f"(batch, {', '.join(map(str, spec['shape']))})")
+            if arr.dtype.kind == "f":
+                arr = q.quantize(arr)
+            elif arr.dtype.kind in "iu":
+                if arr.size and (arr.min() < q.qmin or arr.max() > q.qmax):
+                    raise QftsimError(f"input {spec['name']!r}: values outside [{q.qmin}, {q.qmax}]")
+                arr = arr.astype(q.dtype)
+            else:
+                raise QftsimError(f"input {spec['name']!r}: dtype {arr.dtype}; expected integers or floats")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(arr)))
+        result = self.vm["main"](*args)
+        outs = [result] if len(self.sidecar["outputs"]) == 1 else list(result)
+        return {spec["name"]: out.numpy() for spec, out in zip(self.sidecar["outputs"], outs)}

@@ -1,0 +1,314 @@
+"""IntModel -> Relax IRModule, computing exactly what the simulator computes.
+
+Requantization, rounding, wrap and saturation are not re-written here: the
+int64 formulas of `qftsim.arith` run on `IntExpr`, a Relax tensor with
+Python's integer operators, so the compiled code is those formulas.
+Convolutions and matrix products accumulate in int32 where a static bound
+proves no partial sum can overflow it, and in int64 otherwise (TVM marks
+int32 arithmetic `nsw`: overflow would be undefined, never a wrap).
+Saturation after every MAC is a TE reduction with a saturating reducer,
+preloaded with the bias, over (input channel, kernel row, kernel column)
+in that order; it is only emitted where a bound says saturation can happen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+from qftsim import arith
+from qftsim.intmodel import IntModel, Node, TensorQuant
+
+INT32_SAFE = 2**31 - 1
+
+
+class IntExpr:
+    """An int64 or bool Relax tensor whose Python operators emit Relax ops into a BlockBuilder."""
+
+    __hash__ = None  # == builds an expression
+    __array_ufunc__ = None  # numpy defers to our reflected operators
+
+    def __init__(self, bb: relax.BlockBuilder, expr: relax.Expr, dtype: str = "int64"):
+        self.bb, self.expr, self.dtype = bb, expr, dtype
+
+    def _lift(self, other):
+        if isinstance(other, IntExpr):
+            return other.expr
+        value = np.asarray(other)
+        dtype = "bool" if value.dtype == np.bool_ else "int64"
+        return relax.const(value.astype(dtype), dtype=dtype)
+
+    def _emit(self, op, other=None, dtype=None, swap=False):
+        args = (self.expr,) if other is None else (self.expr, self._lift(other))
+        if swap:
+            args = args[::-1]
+        return IntExpr(self.bb, self.bb.emit(op(*args)), dtype or self.dtype)
+
+    def __add__(self, o): return self._emit(relax.op.add, o)
+    def __radd__(self, o): return self._emit(relax.op.add, o)
+    def __sub__(self, o): return self._emit(relax.op.subtract, o)
+    def __rsub__(self, o): return self._emit(relax.op.subtract, o, swap=True)
+    def __mul__(self, o): return self._emit(relax.op.multiply, o)
+    def __rmul__(self, o): return self._emit(relax.op.multiply, o)
+    def __floordiv__(self, o): return self._emit(relax.op.floor_divide, o)
+    def __lshift__(self, o): return self._emit(relax.op.left_shift, o)
+    def __rshift__(self, o): return self._emit(relax.op.right_shift, o)
+    def __lt__(self, o): return self._emit(relax.op.less, o, "bool")
+    def __le__(self, o): return self._emit(relax.op.less_equal, o, "bool")
+    def __gt__(self, o): return self._emit(relax.op.greater, o, "bool")
+    def __ge__(self, o): return self._emit(relax.op.greater_equal, o, "bool")
+    def __eq__(self, o): return self._emit(relax.op.equal, o, "bool")
+
+    def __and__(self, o):
+        return self._emit(relax.op.logical_and if self.dtype == "bool" else relax.op.bitwise_and, o)
+
+    __rand__ = __and__
+
+    def __or__(self, o):
+        return self._emit(relax.op.logical_or if self.dtype == "bool" else relax.op.bitwise_or, o)
+
+    def astype(self, dtype):
+        return IntExpr(self.bb, self.bb.emit(relax.op.astype(self.expr, np.dtype(dtype).name)), np.dtype(dtype).name)
+
+    def clip(self, lo, hi):
+        return IntExpr(self.bb, self.bb.emit(relax.op.clip(self.expr, int(lo), int(hi))), self.dtype)
+
+
+arith.register_expression_type(IntExpr)
+
+
+def lower(model: IntModel) -> tvm.IRModule:
+    """A Relax module whose `main` maps the model's integer inputs (storage dtypes) to its outputs."""
+    bb = relax.BlockBuilder()
+    lower_into(bb, model, "main")
+    return bb.get()
+
+
+def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str) -> None:
+    """Add `model` to `bb` as the function `func_name` (one module may hold many models)."""
+    batch = tirx.Var("batch", "int64")  # symbolic: one library serves every batch size
+    params = [relax.Var(i.name, relax.TensorType((batch,) + tuple(i.shape), i.quant.dtype.name))
+              for i in model.inputs]
+    with bb.function(func_name, params):
+        with bb.dataflow():
+            env = {i.name: IntExpr(bb, bb.emit(relax.op.astype(p, "int64"))) for i, p in zip(model.inputs, params)}
+            for node in model.nodes:
+                env[node.name] = _LOWER[node.op](bb, node, [env[s] for s in node.inputs],
+                                                 [model.quant_of(s) for s in node.inputs], model)
+            outs = [bb.emit(relax.op.astype(env[name].expr, model.quant_of(name).dtype.name))
+                    for name in model.outputs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result)
+
+
+def _const(values, dtype="int64") -> relax.Expr:
+    return relax.const(np.asarray(values).astype(dtype), dtype=dtype)
+
+
+def _centered_peak(q: TensorQuant) -> int:
+    return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
+
+
+def _emit_int(bb, call, dtype="int64") -> IntExpr:
+    return IntExpr(bb, bb.emit(call), dtype)
+
+
+def _matmul_epilogue(node: Node, exact: IntExpr, model: IntModel, channel_shape) -> IntExpr:
+    """Requantization, zero point and clamp of the accumulator."""
+    m = node.arrays["multiplier"].astype(np.int64).reshape(channel_shape)
+    t = node.arrays["shift"].astype(np.int64).reshape(channel_shape)
+    y = arith.requantize(exact, m, t, model.profile.requant.rounding) + node.quant.zero_point
+    return y.clip(*node.attrs["clamp"])
+
+
+def _accumulator_mode(node: Node, model: IntModel, q_in: TensorQuant):
+    """What the accumulator needs: 'exact' (no overflow possible), 'final' or 'every_mac'; and the sum dtype."""
+    w = node.arrays["weight"].astype(np.int64)
+    bias = np.abs(node.arrays["bias"].astype(np.int64))
+    row_l1 = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+    worst = int((row_l1 * _centered_peak(q_in) + bias).max())
+    if worst <= model.profile.accumulator.range[1]:
+        mode = "exact"
+    elif model.profile.accumulator.saturate_at == "every_mac":
+        mode = "every_mac"
+    else:
+        mode = "final"
+    return mode, ("int32" if worst <= INT32_SAFE else "int64")
+
+
+def _apply_overflow(exact: IntExpr, model: IntModel) -> IntExpr:
+    acc = model.profile.accumulator
+    if acc.overflow == "wrap":
+        return arith.wrap(exact, acc.bits)
+    if acc.overflow == "saturate":
+        return arith.saturate(exact, acc.bits)
+    # 'error': the compiled model cannot raise; it computes the in-range case, and
+    # `qftsim verify` / the simulator report overflow on the same inputs.
+    return exact
+
+
+def _lower_conv2d(bb, node, xs, qs, model):
+    (x,), (q,) = xs, qs
+    a = node.attrs
+    w = node.arrays["weight"].astype(np.int64)
+    pt, pl, pb, pr = a["padding"]
+    mode, sum_dtype = _accumulator_mode(node, model, q)
+    centered = x - q.zero_point
+    padded = bb.emit(relax.op.nn.pad(centered.expr, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=0.0))
+    bias = node.arrays["bias"].astype(np.int64)
+    if mode == "every_mac":
+        exact = IntExpr(bb, bb.emit_te(
+            _saturating_conv, padded, _const(w), _const(bias), a["stride"], a["dilation"], a["groups"],
+            model.profile.accumulator.range))
+    else:
+        inp = bb.emit(relax.op.astype(padded, sum_dtype))
+        conv = bb.emit(relax.op.nn.conv2d(inp, _const(w, sum_dtype), strides=a["stride"], padding=0,
+                                          dilation=a["dilation"], groups=a["groups"], out_dtype=sum_dtype))
+        exact = _emit_int(bb, relax.op.astype(conv, "int64")) + bias.reshape(1, -1, 1, 1)
+        if mode == "final":
+            exact = _apply_overflow(exact, model)
+    return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
+
+
+def _lower_linear(bb, node, xs, qs, model):
+    (x,), (q,) = xs, qs
+    w = node.arrays["weight"].astype(np.int64)
+    bias = node.arrays["bias"].astype(np.int64)
+    mode, sum_dtype = _accumulator_mode(node, model, q)
+    centered = x - q.zero_point
+    if mode == "every_mac":
+        exact = IntExpr(bb, bb.emit_te(_saturating_dense, centered.expr, _const(w), _const(bias),
+                                       model.profile.accumulator.range))
+    else:
+        inp = bb.emit(relax.op.astype(centered.expr, sum_dtype))
+        prod = bb.emit(relax.op.matmul(inp, _const(w.T, sum_dtype), out_dtype=sum_dtype))
+        exact = _emit_int(bb, relax.op.astype(prod, "int64")) + bias.reshape(1, -1)
+        if mode == "final":
+            exact = _apply_overflow(exact, model)
+    return _matmul_epilogue(node, exact, model, (1, -1))
+
+
+def _saturating_sum(term, count: int, bias, acc_range, name: str):
+    """bias, then term(0), ..., term(count - 1), saturating after every addition, in that order.
+
+    The bias is the reduction's first element (TE's `init` is not honoured
+    by this TVM's lowering). Never schedule this reduction: it is not associative.
+    """
+    lo, hi = acc_range
+    reducer = te.comm_reducer(
+        lambda acc, value: tirx.max(tirx.min(acc + value, tirx.const(hi, "int64")), tirx.const(lo, "int64")),
+        lambda dtype: tirx.const(0, dtype), name=name)
+    r = te.reduce_axis((0, count + 1), name="r")
+    return reducer(tirx.if_then_else(r == 0, bias, term(tirx.max(r - 1, 0))), axis=[r])
+
+
+def _saturating_conv(padded, weight, bias, stride, dilation, groups, acc_range):
+    """Conv that saturates after every MAC: bias, then (channel, row, column) in row-major order."""
+    n, c, h, w = padded.shape
+    o, cg, kh, kw = weight.shape
+    og = o // groups
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+
+    def output(b, oc, y, x):
+        def term(k):
+            rc, ry, rx = k // (kh * kw), (k // kw) % kh, k % kw
+            return (padded[b, (oc // og) * cg + rc, y * stride[0] + ry * dilation[0], x * stride[1] + rx * dilation[1]]
+                    * weight[oc, rc, ry, rx])
+        return _saturating_sum(term, int(cg * kh * kw), bias[oc], acc_range, "saturating_conv_sum")
+
+    return te.compute((n, o, ho, wo), output, name="saturating_conv")
+
+
+def _saturating_dense(x, weight, bias, acc_range):
+    """Dense product that saturates after every MAC: bias, then inputs in order."""
+    n, k = x.shape
+    o = weight.shape[0]
+    return te.compute((n, o), lambda b, oc: _saturating_sum(lambda i: x[b, i] * weight[oc, i], int(k), bias[oc],
+                                                           acc_range, "saturating_dense_sum"),
+                      name="saturating_dense")
+
+
+def _lower_add(bb, node, xs, qs, model):
+    a = node.attrs
+    rounding = model.profile.requant.rounding
+    total = None
+    for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"]):
+        term = arith.requantize((x - q.zero_point) << a["left_shift"], m, t, rounding)
+        total = term if total is None else total + term
+    y = arith.requantize(total, a["multiplier"], a["shift"], rounding) + node.quant.zero_point
+    return y.clip(*a["clamp"])
+
+
+def _lower_concat(bb, node, xs, qs, model):
+    a = node.attrs
+    if a["input_multipliers"] is not None:
+        out = node.quant
+        xs = [(arith.requantize(x - q.zero_point, m, t, model.profile.requant.rounding) + out.zero_point)
+              .clip(out.qmin, out.qmax)
+              for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"])]
+    return _emit_int(bb, relax.op.concat([x.expr for x in xs], axis=1))
+
+
+def _lower_maxpool2d(bb, node, xs, qs, model):
+    (x,) = xs
+    a = node.attrs
+    pt, pl, pb, pr = a["padding"]
+    lowest = float(qs[0].qmin - 1)  # below every value: padding never wins
+    padded = bb.emit(relax.op.nn.pad(x.expr, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=lowest))
+    return _emit_int(bb, relax.op.nn.max_pool2d(padded, a["kernel"], a["stride"], padding=0))
+
+
+def _lower_avgpool2d(bb, node, xs, qs, model):
+    (x,), (q,) = xs, qs
+    a = node.attrs
+    kh, kw = a["kernel"]
+    pt, pl, pb, pr = a["padding"]
+    channels, h, w = model.shapes[node.inputs[0]]
+    ones = np.ones((channels, 1, kh, kw), np.int64)
+
+    def window_sum(t):
+        padded = bb.emit(relax.op.nn.pad(t, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=0.0))
+        return bb.emit(relax.op.nn.conv2d(padded, _const(ones), strides=a["stride"], groups=channels,
+                                          out_dtype="int64"))
+
+    total = IntExpr(bb, window_sum((x - q.zero_point).expr))
+    if a["count_include_pad"]:
+        count = np.int64(kh * kw)
+    else:  # per-position count of real (unpadded) inputs, computed once here
+        inside = np.pad(np.ones((h, w), np.int64), ((pt, pb), (pl, pr)))
+        sh, sw = a["stride"]
+        ho, wo = model.shapes[node.name][1:]
+        count = np.array([[inside[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(wo)]
+                          for i in range(ho)], np.int64).reshape(1, 1, ho, wo)
+    return arith.divide_rounded(total, count, model.profile.requant.rounding) + q.zero_point
+
+
+def _lower_clamp(bb, node, xs, qs, model):
+    return xs[0].clip(*node.attrs["clamp"])
+
+
+def _lower_reshape(bb, node, xs, qs, model):
+    (x,) = xs
+    shape = [x.expr.ty.shape[0]] + list(model.shapes[node.name])
+    return _emit_int(bb, relax.op.reshape(x.expr, shape))
+
+
+def _lower_lut(bb, node, xs, qs, model):
+    (x,), (q,) = xs, qs
+    index = bb.emit(relax.op.astype((x - q.qmin).expr, "int32"))
+    return _emit_int(bb, relax.op.take(_const(node.arrays["table"]), index, axis=0, mode="clip"))
+
+
+_LOWER = {
+    "conv2d": _lower_conv2d,
+    "linear": _lower_linear,
+    "add": _lower_add,
+    "concat": _lower_concat,
+    "maxpool2d": _lower_maxpool2d,
+    "avgpool2d": _lower_avgpool2d,
+    "clamp": _lower_clamp,
+    "reshape": _lower_reshape,
+    "lut": _lower_lut,
+}

@@ -1,0 +1,131 @@
+"""TVM export: the compiled model's integers equal the simulator's, exactly."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import export
+from export.build import resolve_target
+from export.lower import lower_into
+from qftsim import QftsimError, intmodel
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+from qftsim.zoo import random_cnn
+from tests import gen
+
+MODELS_PER_MODULE = 25  # compiled together: TVM's per-module overhead dominates tiny models
+
+
+def _simulate_quietly(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        return simulate(model, x).outputs
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                                                  HealthCheck.data_too_large])
+@given(st.data())
+def test_compiled_equals_simulator(data):
+    """Hundreds of generated models (every op, rounding, overflow mode, shipped profile) across the examples."""
+    import tvm
+    from tvm import relax
+
+    models = [data.draw(gen.int_models()) for _ in range(MODELS_PER_MODULE)]
+    inputs = [data.draw(gen.model_inputs(m, max_batch=4)) for m in models]
+    bb = relax.BlockBuilder()
+    for i, model in enumerate(models):
+        lower_into(bb, model, f"model{i}")
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=resolve_target("host")), tvm.cpu())
+    compared = 0
+    for i, (model, x) in enumerate(zip(models, inputs)):
+        try:
+            expected = _simulate_quietly(model, x)
+        except QftsimError:  # overflow under `accumulator.overflow: error`: nothing to compare
+            continue
+        result = vm[f"model{i}"](tvm.runtime.tensor(x))
+        outs = [result] if len(model.outputs) == 1 else list(result)
+        for name, out in zip(model.outputs, outs):
+            got = out.numpy()
+            assert got.dtype == expected[name].dtype
+            assert np.array_equal(got, expected[name]), (i, name, [n.op for n in model.nodes])
+            compared += 1
+    assert compared >= MODELS_PER_MODULE // 2
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    model, _ = random_cnn("tflite-int8", channels=8, size=8, depthwise=True)
+    model.save(folder / "m.qft")
+    export.export_library(model, folder / "m.so", "host")
+    return model, folder
+
+
+def test_fresh_process_reload_is_bit_exact(exported):
+    model, folder = exported
+    x = np.random.default_rng(3).integers(-128, 128, size=(5, 3, 8, 8)).astype(np.int8)
+    np.save(folder / "x.npy", x)
+    script = ("import numpy as np, export, sys; m = export.load(sys.argv[1]); "
+              "np.save(sys.argv[3], m.run(np.load(sys.argv[2]))['fc'])")
+    subprocess.run([sys.executable, "-c", script, str(folder / "m.so"), str(folder / "x.npy"),
+                    str(folder / "y.npy")], check=True)
+    assert np.array_equal(np.load(folder / "y.npy"), simulate(model, x).outputs["fc"])
+    sidecar = json.loads((folder / "m.so.json").read_text())
+    assert sidecar["model_hash"] == model.hash and sidecar["profile"] == "tflite-int8"
+
+
+def test_runtime_refuses_bad_pairs_and_inputs(exported, tmp_path):
+    model, folder = exported
+    compiled = export.load(folder / "m.so")
+    with pytest.raises(QftsimError, match="shape"):
+        compiled.run(np.zeros((1, 3, 9, 8), np.int8))
+    real = np.random.default_rng(0).normal(size=(2, 3, 8, 8))
+    assert np.array_equal(compiled.run(real)["fc"], simulate(model, model.inputs[0].quant.quantize(real)).outputs["fc"])
+    shutil.copy(folder / "m.so", tmp_path / "m.so")
+    with pytest.raises(QftsimError, match="sidecar"):
+        export.load(tmp_path / "m.so")
+    shutil.copy(folder / "m.so.json", tmp_path / "m.so.json")
+    with open(tmp_path / "m.so", "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(QftsimError, match="does not match its sidecar"):
+        export.load(tmp_path / "m.so")
+    with pytest.raises(QftsimError, match="unknown target"):
+        resolve_target("riscv")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qftsim.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_export_and_verify(exported, tmp_path):
+    model, folder = exported
+    res = _cli("export", str(folder / "m.qft"), "--target", "x86-64", "-o", str(tmp_path / "generic.so"))
+    assert res.returncode == 0, res.stderr
+    res = _cli("verify", str(folder / "m.qft"), str(tmp_path / "generic.so"), "--samples", "8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "output fc: equal" in res.stdout
+    # a different model (other weights, same shapes) against the same library
+    other, _ = random_cnn("tflite-int8", channels=8, size=8, depthwise=True, seed=1)
+    other.save(tmp_path / "other.qft")
+    res = _cli("verify", str(tmp_path / "other.qft"), str(tmp_path / "generic.so"), "--samples", "8")
+    assert res.returncode == 1
+    assert "output fc: DIFFERS" in res.stdout and "first at index" in res.stdout
+
+
+AARCH64_READY = all(shutil.which(tool) for tool in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64"))
+
+
+@pytest.mark.skipif(not AARCH64_READY, reason="aarch64 cross toolchain or qemu-user missing "
+                    "(apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user; .ci/run does)")
+def test_aarch64_cross_compile_runs_under_qemu(exported, tmp_path):
+    from tests import aarch64
+
+    model, folder = exported
+    x = np.random.default_rng(4).integers(-128, 128, size=(3, 3, 8, 8)).astype(np.int8)
+    got = aarch64.run_under_qemu(model, x, tmp_path)
+    assert np.array_equal(got, simulate(model, x).outputs["fc"])
