@@ -281,32 +281,36 @@ def quantize_multiplier(real: float, multiplier_bits: int, shift_range: tuple[in
     low multiplier bits (rounded); one below the minimum cannot be
     represented and raises QftsimError.
     """
-    if not (real >= 0.0 and math.isfinite(real)):
-        raise QftsimError(f"requantization multiplier must be finite and >= 0, got {real!r}")
-    if real == 0.0:
-        return 0, (shift_range[1] if shift_range else 0)
-    q, e = math.frexp(real)
+    m, t = quantize_multipliers(np.array([real], dtype=np.float64), multiplier_bits, shift_range)
+    return int(m[0]), int(t[0])
+
+
+def quantize_multipliers(real: np.ndarray, multiplier_bits: int, shift_range: tuple[int, int] | None = None):
+    """quantize_multiplier for an array of real factors: (m, t) int64 arrays of its shape."""
+    real = np.asarray(real, dtype=np.float64)
+    if not (np.isfinite(real).all() and (real >= 0).all()):
+        raise QftsimError(f"requantization multipliers must be finite and >= 0, got {real[~(real >= 0)][:3]}")
+    q, e = np.frexp(real)  # real = q * 2^e, q in [0.5, 1)
+    e = e.astype(np.int64)
     if multiplier_bits == 0:
-        m, t = 1, -(e if q >= 0.75 else e - 1)
+        m = np.ones_like(e)
+        t = -np.where(q >= 0.75, e, e - 1)
     else:
-        m = _round_half_away_float(q * (1 << multiplier_bits))
-        if m == 1 << multiplier_bits:
-            m //= 2
-            e += 1
-        t = multiplier_bits - e
+        m = np.floor(q * 2.0**multiplier_bits + 0.5).astype(np.int64)  # q >= 0: half away from zero
+        carry = m == 1 << multiplier_bits
+        m = np.where(carry, m // 2, m)
+        t = multiplier_bits - (e + carry)
+    zero = real == 0
     if shift_range is not None:
         lo, hi = shift_range
-        if t < lo:
-            raise QftsimError(f"requantization multiplier {real!r} needs right shift {t}, "
+        if (t[~zero] < lo).any():
+            bad = real[~zero][t[~zero] < lo][0]
+            raise QftsimError(f"requantization multiplier {bad!r} needs right shift {int(t[~zero].min())}, "
                               f"below the profile's minimum {lo}")
-        if t > hi:
-            m = int(_round_shift_int64(np.int64(m), np.int64(t - hi), "half_up"))
-            t = hi
-    return int(m), int(t)
-
-
-def _round_half_away_float(x: float) -> int:
-    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+        drop = np.maximum(t - hi, 0)
+        m = np.where(drop > 0, _round_shift_int64(m, drop, "half_up"), m)
+        t = np.minimum(t, hi)
+    return np.where(zero, 0, m), np.where(zero, shift_range[1] if shift_range else 0, t)
 
 
 def multiplier_value(m: int, t: int) -> float:

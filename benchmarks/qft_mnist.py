@@ -1,0 +1,62 @@
+"""QFT vs closed-form baselines on the reference networks, for every shipped profile.
+
+    python benchmarks/qft_mnist.py [--profiles a,b] [--networks resnet,mobilenetv2] [--no-ablations]
+
+Accuracy is the simulator's, on the 1000 held-out MNIST images (never used
+for calibration: calibration takes the first 1024 training images).
+Targets (issue 4): QFT within 1.0 point of float on every shipped profile;
+zero accumulator overflows on fpga-w4a4-pow2-acc16.
+"""
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from qftsim import list_profiles
+from qftsim.qft import quantize
+from qftsim.qgraph import DOF_GROUPS
+from qftsim.sim import simulate
+from qftsim.zoo import load_mnist, reference_network
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profiles", default=",".join(list_profiles()))
+    ap.add_argument("--networks", default="resnet,mobilenetv2")
+    ap.add_argument("--no-ablations", action="store_true")
+    args = ap.parse_args()
+    x, _, x_test, y_test = load_mnist()
+    calib = x[:1024]
+    methods = ["rtn", "mse", "cle+bias_correction", "qft"]
+    if not args.no_ablations:
+        methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
+    print(f"# {torch.get_num_threads()} threads; accuracy on 1000 held-out images; time per method in seconds")
+    print(f"{'network':12s} {'profile':22s} {'method':28s} {'accuracy':>8s} {'overflows':>9s} {'seconds':>8s}")
+    for network in args.networks.split(","):
+        net = reference_network(network)
+        with torch.no_grad():
+            float_acc = float((net(x_test).argmax(1) == y_test).float().mean())
+        for profile in args.profiles.split(","):
+            print(f"{network:12s} {profile:22s} {'float':28s} {float_acc:8.4f}")
+            for method in methods:
+                knobs = {"progress": False}
+                if method.startswith("qft-freeze-"):
+                    knobs["freeze"] = (method[len("qft-freeze-"):],)
+                start = time.perf_counter()
+                model, _ = quantize(net, calib, profile, method="qft" if method.startswith("qft") else method,
+                                    **knobs)
+                seconds = time.perf_counter() - start
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = simulate(model, model.inputs[0].quant.quantize(x_test.numpy()))
+                out = result.outputs[model.outputs[0]]
+                acc = float((out.argmax(1) == y_test.numpy()).mean())
+                print(f"{network:12s} {profile:22s} {method:28s} {acc:8.4f} {result.overflows:9d} {seconds:8.1f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

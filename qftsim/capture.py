@@ -1,0 +1,371 @@
+"""Capture a float torch.nn.Module into a small graph of the supported ops (torch.fx).
+
+The captured FGraph is canonical: BatchNorm folded into the conv or linear
+before it, zero padding folded into the conv after it, ReLU/ReLU6/Hardtanh/
+clamp fused into the conv, linear or add before it where that is their only
+consumer, Identity/Dropout removed, AdaptiveAvgPool2d(1) an average pool
+over the whole map. Anything else raises QftsimError naming the node.
+The FGraph also runs in float, so calibration and bias correction can
+compare the quantized graph with the float one node by node.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qftsim.errors import QftsimError
+
+SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
+             "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
+             "Flatten/view/reshape, add, cat (channels), Sigmoid, Hardswish, Hardsigmoid")
+LUT_FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+INF = math.inf
+
+
+@dataclass
+class FNode:
+    """One op of the canonical float graph; `act` is a fused clamp (lo, hi) in real units."""
+
+    name: str
+    kind: str  # input conv linear add cat maxpool avgpool reshape clamp lut
+    inputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    act: tuple[float, float] | None = None
+    shape: tuple[int, ...] = ()  # without batch
+
+    @property
+    def nonnegative(self) -> bool:
+        """Output provably >= 0 (after a ReLU-like clamp): unsigned under `signed: auto`."""
+        return self.act is not None and self.act[0] >= 0
+
+
+@dataclass
+class FGraph:
+    nodes: list[FNode]
+    output: str
+
+    def node(self, name: str) -> FNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def consumers(self, name: str) -> list[FNode]:
+        return [n for n in self.nodes if name in n.inputs]
+
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Float outputs of every node (BN folded, activations fused) for a batch."""
+        env = {}
+        for n in self.nodes:
+            env[n.name] = x if n.kind == "input" else float_op(n, [env[s] for s in n.inputs])
+        return env
+
+
+def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The float semantics of one canonical node (before its fused clamp is applied, then with it)."""
+    a = n.attrs
+    if n.kind == "conv":
+        pt, pl, pb, pr = a["padding"]
+        y = F.conv2d(F.pad(xs[0], (pl, pr, pt, pb)), n.weight.to(xs[0].dtype), n.bias.to(xs[0].dtype),
+                     a["stride"], 0, a["dilation"], a["groups"])
+    elif n.kind == "linear":
+        y = F.linear(xs[0], n.weight.to(xs[0].dtype), n.bias.to(xs[0].dtype))
+    elif n.kind == "add":
+        y = xs[0] + xs[1]
+    elif n.kind == "cat":
+        y = torch.cat(xs, dim=1)
+    elif n.kind == "maxpool":
+        pt, pl, pb, pr = a["padding"]
+        y = F.max_pool2d(F.pad(xs[0], (pl, pr, pt, pb), value=-INF), a["kernel"], a["stride"])
+    elif n.kind == "avgpool":
+        pt, pl, pb, pr = a["padding"]
+        kh, kw = a["kernel"]
+        total = F.avg_pool2d(F.pad(xs[0], (pl, pr, pt, pb)), (kh, kw), a["stride"], divisor_override=1)
+        if a["count_include_pad"]:
+            y = total / (kh * kw)
+        else:
+            ones = torch.ones_like(xs[0][:1, :1])
+            y = total / F.avg_pool2d(F.pad(ones, (pl, pr, pt, pb)), (kh, kw), a["stride"], divisor_override=1)
+    elif n.kind == "reshape":
+        y = xs[0].reshape((xs[0].shape[0],) + n.shape)
+    elif n.kind == "clamp":
+        y = xs[0]
+    elif n.kind == "lut":
+        y = LUT_FUNCTIONS[a["function"]](xs[0])
+    else:
+        raise AssertionError(n.kind)
+    return y.clamp(*n.act) if n.act is not None else y
+
+
+# ---------------------------------------------------------------- tracing
+
+def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
+    """Trace `model` (eval mode) on `example` (a batch) into the canonical FGraph."""
+    model = model.eval()
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types for dynamic control flow
+        raise QftsimError(f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); "
+                          "control flow on tensor values is not supported") from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example.float())
+    nodes: list[FNode] = []
+    alias: dict[str, str] = {}  # removed identity nodes -> their input
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                raise QftsimError("the model must return a single tensor")
+            output = alias.get(out.name, out.name)
+            continue
+        fnode = _convert(gm, node, alias)
+        if fnode is None:
+            continue
+        meta = node.meta.get("tensor_meta")
+        fnode.shape = tuple(meta.shape[1:]) if meta is not None else ()
+        nodes.append(fnode)
+    graph = FGraph(nodes, output)
+    _canonicalize(graph)
+    return graph
+
+
+def _arg_names(args, alias) -> list[str]:
+    return [alias.get(a.name, a.name) for a in args if isinstance(a, fx.Node)]
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _unsupported(node, what) -> QftsimError:
+    return QftsimError(f"node {node.name!r}: unsupported op {what}; supported: {SUPPORTED}")
+
+
+def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict) -> FNode | None:
+    name = node.name
+    if node.op == "placeholder":
+        return FNode(name, "input", [])
+    ins = _arg_names(node.args, alias)
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return _from_module(node, name, mod, ins, alias)
+    if node.op == "call_function":
+        return _from_function(node, name, ins, alias)
+    if node.op == "call_method":
+        return _from_method(node, name, ins, alias)
+    raise _unsupported(node, f"{node.op} {node.target}")
+
+
+def _identity(name, ins, alias):
+    alias[name] = ins[0]
+    return None
+
+
+def _act(name, ins, lo, hi):
+    return FNode(name, "clamp", ins[:1], act=(float(lo), float(hi)))
+
+
+def _from_module(node, name, mod, ins, alias):
+    if isinstance(mod, (nn.Identity, nn.Dropout)):
+        return _identity(name, ins, alias)
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros":
+            raise _unsupported(node, f"Conv2d padding_mode={mod.padding_mode}")
+        if isinstance(mod.padding, str):
+            raise _unsupported(node, f"Conv2d padding={mod.padding!r} (give explicit padding)")
+        ph, pw = _pair(mod.padding)
+        bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_channels)
+        return FNode(name, "conv", ins, {"stride": _pair(mod.stride), "padding": [ph, pw, ph, pw],
+                                         "dilation": _pair(mod.dilation), "groups": mod.groups},
+                     mod.weight.detach().double(), bias.double())
+    if isinstance(mod, nn.Linear):
+        bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_features)
+        return FNode(name, "linear", ins, {}, mod.weight.detach().double(), bias.double())
+    if isinstance(mod, nn.BatchNorm2d):
+        return FNode(name, "bn", ins, {"mean": mod.running_mean.double(), "var": mod.running_var.double(),
+                                       "gamma": (mod.weight if mod.affine else torch.ones_like(mod.running_mean))
+                                       .detach().double(),
+                                       "beta": (mod.bias if mod.affine else torch.zeros_like(mod.running_mean))
+                                       .detach().double(), "eps": mod.eps})
+    if isinstance(mod, nn.ReLU):
+        return _act(name, ins, 0, INF)
+    if isinstance(mod, nn.ReLU6):
+        return _act(name, ins, 0, 6)
+    if isinstance(mod, nn.Hardtanh):
+        return _act(name, ins, mod.min_val, mod.max_val)
+    if isinstance(mod, nn.ZeroPad2d):
+        return _pad(name, ins, mod.padding)
+    if isinstance(mod, nn.MaxPool2d):
+        return _pool(node, name, ins, "maxpool", mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                     mod.ceil_mode, True)
+    if isinstance(mod, nn.AvgPool2d):
+        return _pool(node, name, ins, "avgpool", mod.kernel_size, mod.stride, mod.padding, 1, mod.ceil_mode,
+                     mod.count_include_pad, mod.divisor_override)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        return _global_pool(node, name, ins, mod.output_size)
+    if isinstance(mod, nn.Flatten):
+        return _flatten(node, name, ins, mod.start_dim, mod.end_dim)
+    for cls, fn in ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid")):
+        if isinstance(mod, cls):
+            return FNode(name, "lut", ins, {"function": fn})
+    raise _unsupported(node, type(mod).__name__)
+
+
+def _kw(node, index, key, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(key, default)
+
+
+def _from_function(node, name, ins, alias):
+    t = node.target
+    if t in (operator.add, torch.add):
+        if len(ins) != 2:
+            raise _unsupported(node, "add of a tensor and a constant")
+        return FNode(name, "add", ins)
+    if t is torch.cat:
+        if _kw(node, 1, "dim", 0) not in (1, -3):
+            raise _unsupported(node, "cat on an axis other than channels")
+        return FNode(name, "cat", _arg_names(node.args[0], alias))
+    if t in (F.relu, torch.relu):
+        return _act(name, ins, 0, INF)
+    if t is F.relu6:
+        return _act(name, ins, 0, 6)
+    if t is F.hardtanh:
+        return _act(name, ins, _kw(node, 1, "min_val", -1.0), _kw(node, 2, "max_val", 1.0))
+    if t is torch.clamp:
+        lo, hi = _kw(node, 1, "min", None), _kw(node, 2, "max", None)
+        return _act(name, ins, -INF if lo is None else lo, INF if hi is None else hi)
+    if t is torch.flatten:
+        return _flatten(node, name, ins, _kw(node, 1, "start_dim", 0), _kw(node, 2, "end_dim", -1))
+    if t is F.pad:
+        pad, mode, value = _kw(node, 1, "pad", None), _kw(node, 2, "mode", "constant"), _kw(node, 3, "value", 0)
+        if mode != "constant" or (value or 0) != 0 or len(pad) != 4:
+            raise _unsupported(node, "F.pad other than 2-D zero padding")
+        return _pad(name, ins, pad)
+    if t is F.adaptive_avg_pool2d:
+        return _global_pool(node, name, ins, _kw(node, 1, "output_size", None))
+    if t is F.dropout:
+        return _identity(name, ins, alias)
+    for fn_name, fn in LUT_FUNCTIONS.items():
+        if t is fn or t is getattr(F, fn_name, None):
+            return FNode(name, "lut", ins, {"function": fn_name})
+    raise _unsupported(node, getattr(t, "__name__", str(t)))
+
+
+def _from_method(node, name, ins, alias):
+    method = node.target
+    if method in ("contiguous",):
+        return _identity(name, ins, alias)
+    if method == "size":
+        return None  # only used to build a view shape; the batch dimension is kept as is
+    if method in ("view", "reshape", "flatten"):
+        if method == "flatten":
+            return _flatten(node, name, ins, _kw(node, 1, "start_dim", 0), _kw(node, 2, "end_dim", -1))
+        return FNode(name, "reshape", ins[:1])
+    if method == "relu":
+        return _act(name, ins, 0, INF)
+    if method == "sigmoid":
+        return FNode(name, "lut", ins, {"function": "sigmoid"})
+    raise _unsupported(node, f"Tensor.{method}")
+
+
+def _flatten(node, name, ins, start, end):
+    if start != 1 or end != -1:
+        raise _unsupported(node, f"flatten(start_dim={start}, end_dim={end}) (only the batch is kept)")
+    return FNode(name, "reshape", ins[:1])
+
+
+def _pad(name, ins, padding):
+    left, right, top, bottom = (padding,) * 4 if isinstance(padding, int) else padding
+    return FNode(name, "pad", ins, {"padding": [int(top), int(left), int(bottom), int(right)]})
+
+
+def _pool(node, name, ins, kind, kernel, stride, padding, dilation, ceil_mode, count_include_pad, divisor=None):
+    if ceil_mode or _pair(dilation) != [1, 1] or divisor is not None:
+        raise _unsupported(node, f"{kind} with ceil_mode, dilation or divisor_override")
+    kh, kw = _pair(kernel)
+    ph, pw = _pair(padding)
+    return FNode(name, kind, ins, {"kernel": [kh, kw], "stride": _pair(stride if stride else kernel),
+                                   "padding": [ph, pw, ph, pw], "count_include_pad": bool(count_include_pad)})
+
+
+def _global_pool(node, name, ins, output_size):
+    if _pair(output_size) != [1, 1]:
+        raise _unsupported(node, f"adaptive average pooling to {output_size} (only 1)")
+    return FNode(name, "avgpool", ins, {"global": True})
+
+
+# ---------------------------------------------------------------- canonical form
+
+def _canonicalize(g: FGraph) -> None:
+    for n in list(g.nodes):
+        if n.kind == "avgpool" and n.attrs.get("global"):
+            _, h, w = g.node(n.inputs[0]).shape
+            n.attrs = {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0, 0, 0], "count_include_pad": True}
+    for n in list(g.nodes):
+        if n.kind == "bn":
+            _fold_bn(g, n)
+    for n in list(g.nodes):
+        if n.kind == "pad":
+            _fold_pad(g, n)
+    for n in list(g.nodes):
+        if n.kind == "clamp":
+            _fuse_clamp(g, n)
+    for n in g.nodes:
+        if n.kind == "reshape" and len(n.shape) != 1:
+            raise QftsimError(f"node {n.name!r}: reshape to {n.shape}; only flattening to (batch, features) "
+                              "is supported")
+
+
+def _remove(g: FGraph, n: FNode) -> None:
+    """Drop n, rewiring its consumers (and the output) to n's input."""
+    for c in g.consumers(n.name):
+        c.inputs = [n.inputs[0] if s == n.name else s for s in c.inputs]
+    if g.output == n.name:
+        g.output = n.inputs[0]
+    g.nodes.remove(n)
+
+
+def _sole_producer(g: FGraph, n: FNode, kinds) -> FNode | None:
+    producer = g.node(n.inputs[0])
+    ok = producer.kind in kinds and len(g.consumers(producer.name)) == 1 and g.output != producer.name
+    return producer if ok else None
+
+
+def _fold_bn(g: FGraph, bn: FNode) -> None:
+    producer = _sole_producer(g, bn, ("conv", "linear"))
+    if producer is None or producer.act is not None:
+        raise QftsimError(f"node {bn.name!r}: BatchNorm2d must directly follow a Conv2d or Linear "
+                          "that feeds nothing else (it is folded into it)")
+    a = bn.attrs
+    factor = a["gamma"] / torch.sqrt(a["var"] + a["eps"])
+    producer.weight = producer.weight * factor.view(-1, *([1] * (producer.weight.dim() - 1)))
+    producer.bias = (producer.bias - a["mean"]) * factor + a["beta"]
+    _remove(g, bn)
+
+
+def _fold_pad(g: FGraph, pad: FNode) -> None:
+    consumers = g.consumers(pad.name)
+    if len(consumers) != 1 or consumers[0].kind != "conv":
+        raise QftsimError(f"node {pad.name!r}: zero padding is supported only directly before a Conv2d")
+    conv = consumers[0]
+    conv.attrs["padding"] = [c + p for c, p in zip(conv.attrs["padding"], pad.attrs["padding"])]
+    _remove(g, pad)
+
+
+def _fuse_clamp(g: FGraph, clamp: FNode) -> None:
+    producer = _sole_producer(g, clamp, ("conv", "linear", "add"))
+    if producer is None:
+        return  # stays a standalone clamp
+    lo, hi = clamp.act
+    if producer.act is not None:
+        lo, hi = max(lo, producer.act[0]), min(hi, producer.act[1])
+    producer.act = (lo, hi)
+    _remove(g, clamp)

@@ -1,0 +1,374 @@
+"""quantize(): float model + calibration data + profile -> IntModel, by rtn/mse/cle/bias correction or QFT.
+
+QFT (Finkelstein et al., 2022) trains every quantization degree of freedom
+of the QGraph jointly, by distillation from the float model on unlabeled
+calibration data, starting from the best of the closed-form initialisations
+(chosen by the distillation loss on the calibration data).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qftsim.capture import FGraph, capture, float_op
+from qftsim.errors import QftsimError
+from qftsim.intmodel import IntModel
+from qftsim.profile import HardwareProfile, load_profile
+from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
+
+METHOD_PARTS = ("rtn", "mse", "cle", "bias_correction")
+LOSSES = ("l2rel", "l2", "kl", "ce")
+
+
+@dataclass
+class QftConfig:
+    """QFT's knobs (the ones Hailo's implementation exposes), with defaults."""
+
+    epochs: int = 4
+    dataset_size: int = 1024
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
+    loss: str = "l2rel"
+    loss_layers: dict[str, float] = field(default_factory=dict)
+    freeze: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    calibration_batches: int = 256  # samples used for ranges and bias correction
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise QftsimError(f"loss {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        bad = [g for g in self.freeze if g not in DOF_GROUPS]
+        if bad:
+            raise QftsimError(f"cannot freeze {bad[0]!r}; DoF groups: {', '.join(DOF_GROUPS)}")
+        for key in ("epochs", "dataset_size", "batch_size"):
+            if getattr(self, key) < (0 if key == "epochs" else 1):
+                raise QftsimError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QftsimError("device cuda requested but torch sees no CUDA device")
+
+
+def quantize(model: nn.Module, calibration_data, profile, method: str = "qft", **knobs):
+    """Quantize `model` for `profile`; returns (IntModel, report dict).
+
+    method: "qft", or closed-form parts joined by "+": rtn, mse, cle, bias_correction
+    (e.g. "cle+bias_correction"). knobs: the fields of QftConfig.
+    """
+    qgraph, report = quantize_graph(model, calibration_data, profile, method, **knobs)
+    clock = time.perf_counter()
+    int_model = qgraph.integerize()
+    report["seconds"]["integerize"] = time.perf_counter() - clock
+    return int_model, report
+
+
+def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "qft", **knobs):
+    """As quantize(), but returns the trained QGraph (evaluation mode) instead of its IntModel."""
+    unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(QftConfig)})
+    if unknown:
+        raise QftsimError(f"unknown knob {unknown[0]!r}; accepted: "
+                          f"{', '.join(f.name for f in dataclasses.fields(QftConfig))}")
+    cfg = QftConfig(**knobs)
+    cfg.validate()
+    profile = load_profile(profile)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    data = calibration_tensor(calibration_data)[: cfg.dataset_size]
+    torch.manual_seed(cfg.seed)
+    fg = capture_checked(model, data)
+    teacher = _teacher(model, data, cfg.batch_size)
+    seconds["capture"] = time.perf_counter() - clock
+    report = {"method": method, "profile": profile.name, "seconds": seconds, "loss_curve": []}
+    clock = time.perf_counter()
+    if method == "qft":
+        candidates = ["mse", "mse+bias_correction"]
+        if equalization_pairs(fg):
+            candidates += ["cle+mse", "cle+mse+bias_correction"]
+        inits = {c: initialize(fg, profile, data, c, cfg) for c in candidates}
+        losses = {c: evaluate_loss(q, data, teacher, cfg) for c, q in inits.items()}
+        chosen = min(losses, key=losses.get)
+        report.update(init_losses=losses, chosen_init=chosen)
+        seconds["initialize"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        qg = copy.deepcopy(inits[chosen])
+        report["loss_curve"] = finetune(qg, data, teacher, cfg)
+        report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
+        if report["final_loss"] > losses[chosen]:  # never hand back worse than where training started
+            qg, report["kept_initialisation"] = inits[chosen], True
+        seconds["finetune"] = time.perf_counter() - clock
+    else:
+        qg = initialize(fg, profile, data, method, cfg)
+        report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
+        seconds["initialize"] = time.perf_counter() - clock
+    qg.eval()
+    report["layers"] = layer_report(qg, fg, data[: cfg.calibration_batches])
+    return qg, report
+
+
+# ---------------------------------------------------------------- data
+
+def calibration_tensor(data) -> torch.Tensor:
+    """A float32 tensor from a tensor, an ndarray or an iterable of batches; rejects empty or non-finite data."""
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    elif not isinstance(data, torch.Tensor):
+        try:
+            batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        except TypeError:
+            raise QftsimError(f"calibration data must be a tensor, an ndarray or an iterable of batches, "
+                              f"got {type(data).__name__}") from None
+        if not batches:
+            raise QftsimError("calibration data is empty")
+        data = torch.cat([torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b)
+                          for b in batches])
+    if data.numel() == 0 or data.shape[0] == 0:
+        raise QftsimError("calibration data is empty")
+    data = data.float()
+    if not torch.isfinite(data).all():
+        raise QftsimError("calibration data contains NaN or Inf")
+    return data
+
+
+def capture_checked(model: nn.Module, data: torch.Tensor) -> FGraph:
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(data[:1])
+    except Exception as exc:
+        raise QftsimError(f"the model rejects calibration data of shape {tuple(data.shape[1:])} "
+                          f"(batch first): {type(exc).__name__}: {exc}") from None
+    return capture(model, data[:2])
+
+
+@torch.no_grad()
+def _teacher(model: nn.Module, data: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(data[i:i + batch]) for i in range(0, len(data), batch)]).float()
+
+
+# ---------------------------------------------------------------- initialisation
+
+def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method: str, cfg: QftConfig) -> QGraph:
+    """A QGraph set up by closed-form methods: rtn (min-max), mse ranges, cle, bias_correction."""
+    parts = method.split("+")
+    bad = [p for p in parts if p not in METHOD_PARTS]
+    if bad:
+        raise QftsimError(f"unknown method {bad[0]!r}; use qft or parts of {', '.join(METHOD_PARTS)} joined by +")
+    fg = copy.deepcopy(fg)
+    if "cle" in parts:
+        equalize(fg)
+    qg = QGraph(fg, profile)
+    sample = data[: cfg.calibration_batches]
+    ranges = "mse" if "mse" in parts else "minmax"
+    set_weight_scales(qg, ranges)
+    set_activation_ranges(qg, fg.run(sample), ranges)
+    if "bias_correction" in parts:
+        correct_biases(qg, fg, sample)
+    qg.eval()
+    return qg
+
+
+def equalize(fg: FGraph) -> None:
+    """Closed-form cross-layer equalization (Nagel et al. DFQ): equal per-channel ranges across each pair."""
+    for consumer_name, producer_name in equalization_pairs(fg).items():
+        producer, consumer = fg.node(producer_name), fg.node(consumer_name)
+        r1 = producer.weight.abs().flatten(1).amax(1)
+        wc = consumer.weight
+        r2 = (wc.abs().flatten(1).amax(1) if consumer.attrs["groups"] > 1
+              else wc.abs().transpose(0, 1).flatten(1).amax(1))
+        e = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp(min=1e-12)), torch.ones_like(r1))
+        producer.weight = producer.weight / e.view(-1, *([1] * (producer.weight.dim() - 1)))
+        producer.bias = producer.bias / e
+        shape = (-1, 1, 1, 1) if consumer.attrs["groups"] > 1 else (1, -1, 1, 1)
+        consumer.weight = consumer.weight * e.view(shape)
+
+
+@torch.no_grad()
+def set_weight_scales(qg: QGraph, ranges: str) -> None:
+    w_spec = qg.profile.weights
+    qmax = w_spec.qmax
+    for n in qg.fg.nodes:
+        if n.kind not in ("conv", "linear"):
+            continue
+        w = qg.effective_weight(n).detach().double().flatten(1)
+        if not w_spec.per_channel:
+            w = w.reshape(1, -1)
+        peak = w.abs().amax(1).clamp(min=1e-12)
+        scale = peak / qmax
+        if ranges == "mse":
+            best_err = torch.full_like(peak, math.inf)
+            for ratio in np.linspace(0.5, 1.0, 11):
+                step = (peak * ratio / qmax).view(-1, 1)
+                err = ((w - torch.clamp(torch.round(w / step), w_spec.qmin, qmax) * step) ** 2).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                scale = torch.where(better, step.view(-1), scale)
+        qg.log_weight_scale[_key(n.name)].copy_(scale.log().float())
+
+
+@torch.no_grad()
+def set_activation_ranges(qg: QGraph, float_env: dict[str, torch.Tensor], ranges: str) -> None:
+    for name, src in qg.quant_source.items():
+        if name != src:
+            continue
+        values = float_env[name].double().flatten()
+        lo, hi = float(values.min()), float(values.max())
+        if ranges == "mse" and values.numel():
+            sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+            best = None
+            for ratio in np.linspace(0.3, 1.0, 15):
+                qg.set_act_range(name, lo * ratio, hi * ratio)
+                q = qg.tensor_quant(name)
+                err = float(((sample - torch.from_numpy(q.dequantize(q.quantize(sample.numpy())))) ** 2).mean())
+                if best is None or err < best[0]:
+                    best = (err, ratio)
+            lo, hi = lo * best[1], hi * best[1]
+        qg.set_act_range(name, lo, hi)
+
+
+@torch.no_grad()
+def correct_biases(qg: QGraph, fg: FGraph, x: torch.Tensor) -> None:
+    """Empirical bias correction: per layer in order, move the bias by the mean pre-activation error."""
+    qg.eval()
+    float_env = fg.run(x.double())
+    env = {fg.nodes[0].name: qg.quantize_input(x)}
+    for n in fg.nodes[1:]:
+        if n.kind in ("conv", "linear"):
+            plain = dataclasses.replace(n, act=None)
+            reference = float_op(plain, [float_env[n.inputs[0]]])
+            real_in = qg.dequantize(n.inputs[0], env[n.inputs[0]])
+            quantized_w = qg.int_weight(n).double() * qg.weight_scale(n).double().view(
+                -1, *([1] * (n.weight.dim() - 1)))
+            step = (qg.act_scale(n.inputs[0]) * qg.weight_scale(n)).double()
+            q_bias = qg.int_bias(n).double() * step
+            approx = float_op(dataclasses.replace(plain, weight=quantized_w, bias=q_bias), [real_in])
+            dims = [0] + list(range(2, approx.dim()))
+            qg.bias[_key(n.name)] += (reference - approx).mean(dims).float()
+        env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
+
+
+# ---------------------------------------------------------------- QFT
+
+def loss_fn(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    student, teacher = student.float(), teacher.float()
+    if kind == "l2rel":
+        dims = tuple(range(1, teacher.dim()))
+        return (((student - teacher) ** 2).sum(dims) / (teacher**2).sum(dims).clamp(min=1e-12)).mean()
+    if kind == "l2":
+        return F.mse_loss(student, teacher)
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="batchmean")
+    return F.cross_entropy(student, teacher.argmax(1))
+
+
+@torch.no_grad()
+def evaluate_loss(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> float:
+    """The distillation loss of the exact (evaluation-mode) graph on the calibration data."""
+    qg.eval()
+    total = 0.0
+    for i in range(0, len(data), 256):
+        total += float(loss_fn(cfg.loss, qg(data[i:i + 256]), teacher[i:i + 256])) * len(data[i:i + 256])
+    return total / len(data)
+
+
+def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> list[float]:
+    """Train every unfrozen DoF group jointly (Adam, cosine schedule); returns the loss per step."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # data parallel: each rank trains on its shard, gradients are averaged
+        rank, world = dist.get_rank(), dist.get_world_size()
+        data, teacher = data[rank::world], teacher[rank::world]
+    device = torch.device(cfg.device)
+    qg.to(device)
+    data, teacher = data.to(device), teacher.to(device)
+    layer_teacher = {}
+    if cfg.loss_layers:
+        env = qg.fg.run(data.cpu())
+        missing = [k for k in cfg.loss_layers if k not in env]
+        if missing:
+            raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(env)}")
+        layer_teacher = {k: env[k].float().to(device) for k in cfg.loss_layers}
+    groups = qg.dof_groups()
+    param_groups = []
+    for name, params in groups.items():
+        frozen = name in cfg.freeze
+        for p in params:
+            p.requires_grad_(not frozen)
+        if params and not frozen:
+            lr = cfg.learning_rate * (1.0 if name in ("weights", "biases") else cfg.scale_lr_factor)
+            param_groups.append({"params": params, "lr": lr})
+    if not param_groups or cfg.epochs == 0:
+        return []
+    optimizer = torch.optim.Adam(param_groups)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    curve = []
+    qg.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="QFT", disable=not cfg.progress, leave=False)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for i in range(0, len(data), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size].to(device)
+            out, inner = qg(data[idx], keep=tuple(cfg.loss_layers))
+            loss = loss_fn(cfg.loss, out, teacher[idx])
+            for layer, factor in cfg.loss_layers.items():
+                loss = loss + factor * loss_fn("l2rel", inner[layer], layer_teacher[layer][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            if distributed:
+                for group in param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= dist.get_world_size()
+            optimizer.step()
+            schedule.step()
+            curve.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1]:.4g}")
+    bar.close()
+    qg.eval()
+    qg.to("cpu")
+    return curve
+
+
+# ---------------------------------------------------------------- report
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    noise = float(((reference - approx) ** 2).sum())
+    signal = float((reference**2).sum())
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
+
+
+@torch.no_grad()
+def layer_report(qg: QGraph, fg: FGraph, x: torch.Tensor) -> list[dict]:
+    """Per quantized tensor: SQNR of the exact integer graph vs float, and its scale."""
+    qg.eval()
+    names = [n.name for n in fg.nodes[1:] if qg.quant_source[n.name] == n.name]
+    _, inner = qg(x, keep=tuple(names))
+    float_env = fg.run(x.double())
+    rows = []
+    for n in fg.nodes[1:]:
+        if n.name not in inner:
+            continue
+        row = {"name": n.name, "kind": n.kind, "sqnr_db": sqnr_db(float_env[n.name], inner[n.name]),
+               "act_scale": float(qg.act_scale(n.name)), "zero_point": qg.zero_points[n.name]}
+        if n.kind in ("conv", "linear"):
+            ws = qg.weight_scale(n).detach()
+            row.update(weight_scale_min=float(ws.min()), weight_scale_max=float(ws.max()))
+        rows.append(row)
+    return rows

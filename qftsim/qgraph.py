@@ -1,0 +1,457 @@
+"""QGraph: the captured network with every quantization degree of freedom as a parameter.
+
+Each tensor is carried as integers (in a float tensor) exactly as the
+hardware will hold it. Training mode rounds with straight-through
+estimators in float32 so that gradients reach the float weights, biases,
+log weight scales, log activation scales and log cross-layer equalization
+factors. Evaluation mode computes the same graph in float64 with the
+integer weights, biases and hardware multipliers the IntModel will hold,
+through `qftsim.arith`: its outputs equal the simulator's exactly.
+
+What the profile fixes is not a parameter: bit widths, signedness, zero
+points (set once from calibration), narrow range, power-of-two scales
+(log2 rounded through an STE), the multiplier precision (the forward pass
+uses the hardware multiplier m * 2^-t), per-tensor vs per-channel, and the
+accumulator limit (A2Q: weights round toward zero under a per-channel L1
+bound that the scale is raised to meet, so no MAC order can overflow).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qftsim import arith
+from qftsim.capture import LUT_FUNCTIONS, FGraph, FNode
+from qftsim.errors import QftsimError
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.profile import HardwareProfile, int_range
+
+DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
+_SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
+_BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
+
+
+class _StraightThrough(torch.autograd.Function):
+    """fn(x) forward, identity backward: how rounding passes gradients in training."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(x, torch.round)
+
+
+def trunc_ste(x: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(x, torch.trunc)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class QGraph(nn.Module):
+    """Fake-quantized FGraph for one profile; `integerize()` returns the IntModel it computes in eval mode."""
+
+    def __init__(self, fgraph: FGraph, profile: HardwareProfile):
+        super().__init__()
+        self.fg = fgraph
+        self.profile = profile
+        check_profile_can_express(fgraph, profile)
+        self.weight = nn.ParameterDict()
+        self.bias = nn.ParameterDict()
+        self.log_weight_scale = nn.ParameterDict()
+        self.log_act_scale = nn.ParameterDict()
+        self.log_equalization = nn.ParameterDict()  # by producer: its output channel c divided by e[c]
+        self.quant_source: dict[str, str] = {}  # tensor -> tensor that owns its scale and zero point
+        self.signed: dict[str, bool] = {}
+        self.zero_points: dict[str, int] = {}
+        self.cle_pairs: dict[str, str] = {}  # consumer -> producer
+        per_channel = profile.weights.per_channel
+        for n in fgraph.nodes:
+            k = _key(n.name)
+            if n.kind in ("conv", "linear"):
+                self.weight[k] = nn.Parameter(n.weight.float().clone())
+                self.bias[k] = nn.Parameter(n.bias.float().clone())
+                self.log_weight_scale[k] = nn.Parameter(torch.zeros(n.weight.shape[0] if per_channel else 1))
+            if n.kind in _SHARES_INPUT_QUANT:
+                self.quant_source[n.name] = self.quant_source[n.inputs[0]]
+            else:
+                self.quant_source[n.name] = n.name
+                self.log_act_scale[k] = nn.Parameter(torch.zeros(()))
+                self.signed[n.name] = _signedness(profile, n)
+                self.zero_points[n.name] = 0
+        if profile.activations.channelwise_via_requant and profile.requant.per_channel:
+            for consumer, producer in equalization_pairs(fgraph).items():
+                self.cle_pairs[consumer] = producer
+                channels = fgraph.node(producer).weight.shape[0]
+                self.log_equalization[_key(producer)] = nn.Parameter(torch.zeros(channels))
+
+    # ------------------------------------------------------------ parameters by group
+
+    def dof_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"weights": list(self.weight.values()), "biases": list(self.bias.values()),
+                "weight_scales": list(self.log_weight_scale.values()),
+                "act_scales": list(self.log_act_scale.values()),
+                "equalization": list(self.log_equalization.values())}
+
+    # ------------------------------------------------------------ quantization of tensors
+
+    def tensor_quant(self, name: str) -> TensorQuant:
+        src = self.quant_source[name]
+        bits = self.profile.activations.bits
+        return TensorQuant(bits, self.signed[src], self.zero_points[src], float(self.act_scale(name).detach()))
+
+    def qrange(self, name: str) -> tuple[int, int]:
+        return int_range(self.profile.activations.bits, self.signed[self.quant_source[name]])
+
+    def act_scale(self, name: str) -> torch.Tensor:
+        return self._pow2(self.log_act_scale[_key(self.quant_source[name])].exp(), self.profile.activations.scale)
+
+    def set_act_range(self, name: str, lo: float, hi: float) -> None:
+        """Scale and zero point covering [lo, hi] (widened to include 0)."""
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        qmin, qmax = self.qrange(name)
+        if self.profile.activations.symmetric or not self.signed[name] and lo >= 0 and qmin == 0:
+            scale = max(abs(lo) / max(-qmin, 1) if lo < 0 else 0.0, hi / qmax, 1e-8)
+            zp = 0
+        else:
+            scale = max((hi - lo) / (qmax - qmin), 1e-8)
+            zp = int(min(max(round(qmin - lo / scale), qmin), qmax))
+        with torch.no_grad():
+            self.log_act_scale[_key(name)].fill_(math.log(scale))
+        self.zero_points[name] = zp
+
+    def weight_scale(self, n: FNode) -> torch.Tensor:
+        """Per-output-channel step of the integer weights (A2Q: raised to meet the L1 bound)."""
+        s = self._pow2(self.log_weight_scale[_key(n.name)].exp(), self.profile.weights.scale)
+        if self.profile.accumulator.guarantee == "a2q":
+            limit = self.a2q_limit(n)
+            l1 = self.effective_weight(n).abs().flatten(1).sum(1)
+            needed = (l1 / limit).detach()
+            if not self.profile.weights.per_channel:
+                needed = needed.max().reshape(1)
+            if self.profile.weights.scale == "power_of_two":
+                needed = torch.exp2(torch.ceil(torch.log2(needed.clamp(min=1e-30))))
+            s = torch.maximum(s, needed.to(s.dtype))
+        return s
+
+    def a2q_limit(self, n: FNode) -> float:
+        """Largest integer L1 norm per weight row that keeps every partial sum (bias first) in range."""
+        q = self.qrange(n.inputs[0])
+        zp = self.zero_points[self.quant_source[n.inputs[0]]]
+        peak = max(q[1] - zp, zp - q[0])
+        acc_max = self.profile.accumulator.range[1]
+        return math.floor(acc_max * (1 - _BIAS_BUDGET) / peak)
+
+    def effective_weight(self, n: FNode) -> torch.Tensor:
+        """The float weight with the CLE factors of its input channels folded in."""
+        w = self.weight[_key(n.name)]
+        producer = self.cle_pairs.get(n.name)
+        if producer is None:
+            return w
+        e = self.log_equalization[_key(producer)].exp()
+        if n.kind == "conv" and n.attrs["groups"] > 1:  # depthwise: input channel c is output channel c
+            return w * e.view(-1, 1, 1, 1)
+        return w * e.view(1, -1, *([1] * (w.dim() - 2)))
+
+    def output_equalization(self, n: FNode) -> torch.Tensor | None:
+        p = self.log_equalization[_key(n.name)] if _key(n.name) in self.log_equalization else None
+        return None if p is None else p.exp()
+
+    @staticmethod
+    def _pow2(scale: torch.Tensor, kind: str) -> torch.Tensor:
+        return torch.exp2(round_ste(torch.log2(scale))) if kind == "power_of_two" else scale
+
+    def int_weight(self, n: FNode) -> torch.Tensor:
+        w = self.effective_weight(n) / self.weight_scale(n).view(-1, *([1] * (n.weight.dim() - 1)))
+        rnd = trunc_ste if self.profile.accumulator.guarantee == "a2q" else round_ste
+        return torch.clamp(rnd(w), self.profile.weights.qmin, self.profile.weights.qmax)
+
+    def int_bias(self, n: FNode) -> torch.Tensor:
+        lo, hi = self.profile.bias.range
+        if self.profile.accumulator.guarantee == "a2q":
+            hi = min(hi, math.floor(self.profile.accumulator.range[1] * _BIAS_BUDGET))
+            lo = -hi
+        step = self.act_scale(n.inputs[0]) * self.weight_scale(n)
+        return torch.clamp(round_ste(self.bias[_key(n.name)] / step), lo, hi)
+
+    def multipliers(self, real: torch.Tensor):
+        """(factor used in training, m, t): the hardware's m * 2^-t, with the real factor's gradient."""
+        rq = self.profile.requant
+        b, lo = rq.multiplier_bits, rq.shift_range[0]
+        largest = ((1 << b) - 1 if b else 1) * 2.0 ** (-lo)
+        wanted = np.minimum(real.detach().double().cpu().numpy().reshape(-1), largest)
+        m, t = arith.quantize_multipliers(wanted, b, rq.shift_range)
+        hw = torch.as_tensor(m * np.ldexp(1.0, -t), dtype=real.dtype, device=real.device).view(real.shape)
+        return real + (hw - real).detach(), m, t
+
+    def clamp_bounds(self, name: str, act) -> tuple[int, int]:
+        """Integer bounds of a real clamp (lo, hi) on tensor `name`."""
+        qmin, qmax = self.qrange(name)
+        if act is None:
+            return qmin, qmax
+        s = float(self.act_scale(name).detach())
+        zp = self.zero_points[self.quant_source[name]]
+        lo = qmin if act[0] == -math.inf else max(qmin, zp + round(act[0] / s))
+        hi = qmax if act[1] == math.inf else min(qmax, zp + round(act[1] / s))
+        return int(lo), int(max(lo, hi))
+
+    def requant_factor(self, n: FNode) -> torch.Tensor:
+        """Real multiplier from the accumulator to the output integers, per output channel."""
+        factor = self.act_scale(n.inputs[0]) * self.weight_scale(n) / self.act_scale(n.name)
+        e = self.output_equalization(n)
+        return factor if e is None else factor / e
+
+    # ------------------------------------------------------------ forward
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.fg.nodes[0].name
+        qmin, qmax = self.qrange(name)
+        x = x.double() if not self.training else x.float()
+        y = round_ste(x / self.act_scale(name).to(x.dtype)) + self.zero_points[name]
+        return torch.clamp(y, qmin, qmax)
+
+    def run_integers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor's integers (in float tensors) for a real input batch."""
+        env = {self.fg.nodes[0].name: self.quantize_input(x)}
+        for n in self.fg.nodes[1:]:
+            env[n.name] = self.node_forward(n, [env[s] for s in n.inputs])
+        return env
+
+    def forward(self, x: torch.Tensor, keep: tuple[str, ...] | None = None):
+        """Real-valued output for a real input batch; with `keep`, also those tensors (real) by name."""
+        env = self.run_integers(x)
+        out = self.dequantize(self.fg.output, env[self.fg.output])
+        if keep is not None:
+            return out, {k: self.dequantize(k, env[k]) for k in keep}
+        return out
+
+    def dequantize(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        zp = self.zero_points[self.quant_source[name]]
+        return (q - zp) * self.act_scale(name).to(q.dtype)
+
+    def node_forward(self, n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
+        return getattr(self, f"_{n.kind}")(n, xs)
+
+    def _round(self, v: torch.Tensor, real_factor, m, t):
+        """v * factor rounded: STE nearest in training, the profile's exact requantization in eval."""
+        if self.training:
+            return round_ste(v * real_factor)
+        shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
+        return arith.requantize(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape),
+                                self.profile.requant.rounding)
+
+    def _matmul(self, n: FNode, xs):
+        (x,) = xs
+        w_int = self.int_weight(n).to(x.dtype)
+        b_int = self.int_bias(n).to(x.dtype)
+        zp = self.zero_points[self.quant_source[n.inputs[0]]]
+        centered = x - zp
+        if n.kind == "conv":
+            pt, pl, pb, pr = n.attrs["padding"]
+            acc = F.conv2d(F.pad(centered, (pl, pr, pt, pb)), w_int, None, n.attrs["stride"], 0,
+                           n.attrs["dilation"], n.attrs["groups"])
+            acc = acc + b_int.view(1, -1, 1, 1)
+        else:
+            acc = F.linear(centered, w_int, b_int)
+        acc = self._accumulator(acc)
+        factor, m, t = self.multipliers(self.requant_factor(n))
+        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        y = self._round(acc, factor.to(acc.dtype).view(shape) if factor.numel() > 1 else factor.to(acc.dtype),
+                        m, t) + self.zero_points[n.name]
+        return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
+
+    _conv = _matmul
+    _linear = _matmul
+
+    def _accumulator(self, acc: torch.Tensor) -> torch.Tensor:
+        spec = self.profile.accumulator
+        lo, hi = spec.range
+        if self.training:  # wrap has no useful gradient; saturation clips like the hardware
+            return torch.clamp(acc, lo, hi) if spec.overflow == "saturate" else acc
+        if spec.overflow == "wrap":
+            return arith.wrap(acc, spec.bits)
+        if spec.overflow == "saturate":
+            return arith.saturate(acc, spec.bits)  # every_mac is reachable only under A2Q: no partial overflow
+        if acc.numel() and (acc.min() < lo or acc.max() > hi):
+            raise QftsimError(f"accumulator overflow in evaluation (profile says accumulator.overflow: error)")
+        return acc
+
+    def add_multipliers(self, n: FNode):
+        """(factor, m, t) for each input's rescale and for the output (TFLite's twice-max scheme)."""
+        s_a, s_b = (self.act_scale(i) for i in n.inputs)
+        twice_max = 2 * torch.maximum(s_a, s_b)
+        out = twice_max / (2.0**self.profile.ops.add_left_shift * self.act_scale(n.name))
+        return [self.multipliers(v.reshape(1)) for v in (s_a / twice_max, s_b / twice_max, out)]
+
+    def cat_multipliers(self, n: FNode):
+        return [self.multipliers((self.act_scale(i) / self.act_scale(n.name)).reshape(1)) for i in n.inputs]
+
+    def _add(self, n: FNode, xs):
+        *rescales, (factor, m, t) = self.add_multipliers(n)
+        total = 0
+        for x, name, (f, mi, ti) in zip(xs, n.inputs, rescales):
+            shifted = (x - self.zero_points[self.quant_source[name]]) * 2.0**self.profile.ops.add_left_shift
+            total = total + self._round(shifted, f.to(x.dtype), mi, ti)
+        y = self._round(total, factor.to(total.dtype), m, t) + self.zero_points[n.name]
+        return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
+
+    def _cat(self, n: FNode, xs):
+        qmin, qmax = self.qrange(n.name)
+        parts = []
+        for x, name, (factor, m, t) in zip(xs, n.inputs, self.cat_multipliers(n)):
+            centered = x - self.zero_points[self.quant_source[name]]
+            parts.append(torch.clamp(self._round(centered, factor.to(x.dtype), m, t) + self.zero_points[n.name],
+                                     qmin, qmax))
+        return torch.cat(parts, dim=1)
+
+    def _maxpool(self, n: FNode, xs):
+        pt, pl, pb, pr = n.attrs["padding"]
+        return F.max_pool2d(F.pad(xs[0], (pl, pr, pt, pb), value=-math.inf), n.attrs["kernel"], n.attrs["stride"])
+
+    def _avgpool(self, n: FNode, xs):
+        (x,) = xs
+        a = n.attrs
+        pt, pl, pb, pr = a["padding"]
+        kh, kw = a["kernel"]
+        zp = self.zero_points[self.quant_source[n.name]]
+        total = F.avg_pool2d(F.pad(x - zp, (pl, pr, pt, pb)), (kh, kw), a["stride"], divisor_override=1)
+        if a["count_include_pad"]:
+            count = torch.tensor(float(kh * kw), dtype=x.dtype)
+        else:
+            ones = F.pad(torch.ones_like(x[:1, :1]), (pl, pr, pt, pb))
+            count = F.avg_pool2d(ones, (kh, kw), a["stride"], divisor_override=1)
+        if self.training:
+            return round_ste(total / count) + zp
+        return arith.divide_rounded(total.round(), count, self.profile.requant.rounding) + zp
+
+    def _reshape(self, n: FNode, xs):
+        return xs[0].reshape((xs[0].shape[0],) + n.shape)
+
+    def _clamp(self, n: FNode, xs):
+        return torch.clamp(xs[0], *self.clamp_bounds(n.name, n.act))
+
+    def lut_table(self, n: FNode) -> torch.Tensor:
+        """The 2^bits-entry table of a pointwise function, from the current scales (float64)."""
+        qmin, qmax = self.qrange(n.inputs[0])
+        codes = torch.arange(qmin, qmax + 1, dtype=torch.float64)
+        return self._lut_values(n, codes, torch.float64)
+
+    def _lut_values(self, n: FNode, q: torch.Tensor, dtype) -> torch.Tensor:
+        zp_in = self.zero_points[self.quant_source[n.inputs[0]]]
+        real = (q - zp_in) * self.act_scale(n.inputs[0]).to(dtype)
+        y = round_ste(LUT_FUNCTIONS[n.attrs["function"]](real) / self.act_scale(n.name).to(dtype))
+        return torch.clamp(y + self.zero_points[n.name], *self.qrange(n.name))
+
+    def _lut(self, n: FNode, xs):
+        (x,) = xs
+        if self.training:
+            return self._lut_values(n, x, x.dtype)
+        qmin = self.qrange(n.inputs[0])[0]
+        return self.lut_table(n)[(x - qmin).long()]
+
+    # ------------------------------------------------------------ IntModel
+
+    @torch.no_grad()
+    def integerize(self) -> IntModel:
+        """The IntModel that this graph computes in evaluation mode."""
+        p = self.profile
+        first = self.fg.nodes[0]
+        inputs = [ModelInput(first.name, tuple(first.shape), self.tensor_quant(first.name))]
+        nodes = []
+        w_dtype = np.int8 if p.weights.bits <= 8 else np.int16
+        for n in self.fg.nodes[1:]:
+            quant = self.tensor_quant(n.name)
+            if n.kind in ("conv", "linear"):
+                _, m, t = self.multipliers(self.requant_factor(n))
+                arrays = {"weight": self.int_weight(n).double().numpy().astype(w_dtype),
+                          "bias": self.int_bias(n).double().numpy().astype(np.int32),
+                          "multiplier": m.astype(np.int32), "shift": t.astype(np.int32)}
+                attrs = {"clamp": list(self.clamp_bounds(n.name, n.act))}
+                if n.kind == "conv":
+                    attrs.update(stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
+                                 dilation=list(n.attrs["dilation"]), groups=n.attrs["groups"])
+                nodes.append(Node(n.name, "conv2d" if n.kind == "conv" else "linear", list(n.inputs), quant,
+                                  attrs, arrays))
+            elif n.kind == "add":
+                (_, ma, ta), (_, mb, tb), (_, mo, to) = self.add_multipliers(n)
+                nodes.append(Node(n.name, "add", list(n.inputs), quant, {
+                    "input_multipliers": [int(ma[0]), int(mb[0])], "input_shifts": [int(ta[0]), int(tb[0])],
+                    "multiplier": int(mo[0]), "shift": int(to[0]), "left_shift": p.ops.add_left_shift,
+                    "clamp": list(self.clamp_bounds(n.name, n.act))}))
+            elif n.kind == "cat":
+                pairs = [(int(m[0]), int(t[0])) for _, m, t in self.cat_multipliers(n)]
+                nodes.append(Node(n.name, "concat", list(n.inputs), quant, {
+                    "input_multipliers": [m for m, _ in pairs], "input_shifts": [t for _, t in pairs]}))
+            elif n.kind in ("maxpool", "avgpool"):
+                attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in n.attrs.items()}
+                nodes.append(Node(n.name, f"{n.kind}2d", list(n.inputs), quant, attrs))
+            elif n.kind == "reshape":
+                nodes.append(Node(n.name, "reshape", list(n.inputs), quant, {"shape": [-1]}))
+            elif n.kind == "clamp":
+                nodes.append(Node(n.name, "clamp", list(n.inputs), quant,
+                                  {"clamp": list(self.clamp_bounds(n.name, n.act))}))
+            elif n.kind == "lut":
+                table = self.lut_table(n).numpy().astype(quant.dtype)
+                nodes.append(Node(n.name, "lut", list(n.inputs), quant, {}, {"table": table}))
+        return IntModel(p, inputs, nodes, [self.fg.output])
+
+
+def _signedness(profile: HardwareProfile, n: FNode) -> bool:
+    signed = profile.activations.signed
+    if signed == "auto":
+        return not n.nonnegative
+    return bool(signed)
+
+
+def equalization_pairs(fg: FGraph) -> dict[str, str]:
+    """consumer -> producer where a per-channel factor can move between them (DFQ's condition).
+
+    The producer is a conv whose only consumer is a conv, with no clamp or a
+    ReLU (positive-homogeneous) between them; ReLU6 and other bounded clamps
+    do not commute with scaling and are left alone.
+    """
+    pairs = {}
+    for n in fg.nodes:
+        if n.kind != "conv":
+            continue
+        producer = fg.node(n.inputs[0])
+        relu_or_none = producer.act is None or producer.act == (0.0, math.inf)
+        plain_or_depthwise = n.attrs["groups"] == 1 or (
+            n.weight.shape[1] == 1 and n.weight.shape[0] == n.attrs["groups"])
+        if (producer.kind == "conv" and relu_or_none and plain_or_depthwise and len(fg.consumers(producer.name)) == 1
+                and fg.output != producer.name):
+            pairs[n.name] = producer.name
+    return pairs
+
+
+def check_profile_can_express(fg: FGraph, profile: HardwareProfile) -> None:
+    """Report, before any training, what this profile cannot express for this network."""
+    kinds = {"conv": "conv2d", "linear": "linear", "add": "add", "cat": "concat", "maxpool": "maxpool2d",
+             "avgpool": "avgpool2d", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
+    for n in fg.nodes[1:]:
+        if kinds[n.kind] not in profile.ops.supported:
+            raise QftsimError(f"node {n.name!r}: profile {profile.name} does not support {kinds[n.kind]}")
+        if n.kind == "cat" and not profile.ops.concat_rescale:
+            raise QftsimError(f"node {n.name!r}: profile {profile.name} needs concat inputs to share one scale "
+                              "(ops.concat_rescale: false), which the trainer does not support yet")
+    if not profile.weights.symmetric:
+        raise QftsimError(f"profile {profile.name}: asymmetric weights (weights.symmetric: false) are not "
+                          "supported by the trainer")
+    acc = profile.accumulator
+    if acc.saturate_at == "every_mac" and acc.guarantee != "a2q":
+        raise QftsimError(f"profile {profile.name}: saturation at every MAC is trained only with "
+                          "accumulator.guarantee: a2q (which makes it unreachable)")
+    if fg.nodes[0].kind != "input" or len(fg.nodes[0].shape) not in (1, 3):
+        raise QftsimError("the model must take one input of shape (batch, C, H, W) or (batch, features)")

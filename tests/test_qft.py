@@ -1,0 +1,172 @@
+"""QFT: capture, the consistency contract (eval QGraph == simulator), knobs, determinism, DDP."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qftsim import QftsimError, list_profiles
+from qftsim.capture import capture
+from qftsim.qft import quantize, quantize_graph
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+from qftsim.zoo import load_mnist, reference_network
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist()
+
+
+def _simulate(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        return simulate(model, x).outputs[model.outputs[0]]
+
+
+@pytest.mark.parametrize("network", ["resnet", "mobilenetv2"])
+@pytest.mark.parametrize("profile", list_profiles())
+def test_eval_qgraph_equals_simulator_on_every_test_image(network, profile, mnist):
+    """The consistency contract, after a (short) QFT so every DoF has moved."""
+    x, _, x_test, _ = mnist
+    qgraph, report = quantize_graph(reference_network(network), x[:256], profile, epochs=1, dataset_size=256,
+                                    progress=False)
+    int_model = qgraph.integerize()
+    with torch.no_grad():
+        ints = qgraph.run_integers(x_test)[qgraph.fg.output].numpy()
+    simulated = _simulate(int_model, int_model.inputs[0].quant.quantize(x_test.numpy()))
+    assert np.array_equal(ints.astype(np.int64), simulated.astype(np.int64))
+    assert len(report["loss_curve"]) == 8 and report["layers"]
+
+
+def test_a2q_profile_never_overflows(mnist):
+    x, _, x_test, _ = mnist
+    int_model, _ = quantize(reference_network("resnet"), x[:256], "fpga-w4a4-pow2-acc16", epochs=1,
+                            dataset_size=256, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccumulatorOverflowWarning)
+        result = simulate(int_model, int_model.inputs[0].quant.quantize(x_test.numpy()))
+    assert result.overflows == 0
+    for node in int_model.nodes:
+        if node.op in ("conv2d", "linear"):
+            q_in = int_model.quant_of(node.inputs[0])
+            peak = max(q_in.qmax - q_in.zero_point, q_in.zero_point - q_in.qmin)
+            l1 = np.abs(node.arrays["weight"].astype(np.int64)).reshape(len(node.arrays["weight"]), -1).sum(1)
+            assert (l1 * peak + np.abs(node.arrays["bias"])).max() <= 2**15 - 1, node.name
+
+
+def test_same_seed_same_bytes(mnist):
+    x = mnist[0][:128]
+    net = reference_network("mobilenetv2")
+    a, _ = quantize(net, x, "npu-a8w4", epochs=1, dataset_size=128, progress=False, seed=3)
+    b, _ = quantize(net, x, "npu-a8w4", epochs=1, dataset_size=128, progress=False, seed=3)
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_freezing_a_group_keeps_it(mnist):
+    import copy
+
+    from qftsim.qft import QftConfig, finetune
+
+    x = mnist[0][:128]
+    net = reference_network("resnet")
+    start, _ = quantize_graph(net, x, "int8-default", method="mse", dataset_size=128)
+    trained = copy.deepcopy(start)
+    with torch.no_grad():
+        teacher = net(x)
+    finetune(trained, x, teacher, QftConfig(epochs=1, progress=False, freeze=("weights", "act_scales")))
+    assert all(torch.equal(w, start.weight[k]) for k, w in trained.weight.items())
+    assert all(torch.equal(s, start.log_act_scale[k]) for k, s in trained.log_act_scale.items())
+    assert any(not torch.equal(b, start.bias[k]) for k, b in trained.bias.items())
+    assert any(not torch.equal(s, start.log_weight_scale[k]) for k, s in trained.log_weight_scale.items())
+
+
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return F.gelu(self.conv(x))
+
+
+def test_errors_before_training(mnist):
+    x = mnist[0][:8]
+    with pytest.raises(QftsimError, match="node 'gelu'.*unsupported op gelu.*supported"):
+        quantize(_Odd(), x, "int8-default", method="rtn")
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(QftsimError, match="NaN"):
+        quantize(reference_network("resnet"), bad, "int8-default")
+    with pytest.raises(QftsimError, match="empty"):
+        quantize(reference_network("resnet"), torch.zeros(0, 1, 28, 28), "int8-default")
+    with pytest.raises(QftsimError, match="rejects calibration data of shape"):
+        quantize(reference_network("resnet"), torch.zeros(4, 3, 28, 28), "int8-default")
+    with pytest.raises(QftsimError, match="unknown knob 'epoch'"):
+        quantize(reference_network("resnet"), x, "int8-default", epoch=3)
+    with pytest.raises(QftsimError, match="cannot freeze"):
+        quantize(reference_network("resnet"), x, "int8-default", freeze=("everything",))
+    with pytest.raises(QftsimError, match="unknown method"):
+        quantize(reference_network("resnet"), x, "int8-default", method="gptq")
+
+
+def test_calibration_data_forms(mnist):
+    x = mnist[0][:64]
+    net = reference_network("mobilenetv2")
+    a, _ = quantize(net, x, "int8-default", method="rtn")
+    b, _ = quantize(net, x.numpy(), "int8-default", method="rtn")
+    c, _ = quantize(net, [(x[:32], 0), (x[32:], 1)], "int8-default", method="rtn")
+    assert a.to_bytes() == b.to_bytes() == c.to_bytes()
+
+
+def test_capture_folds_and_fuses():
+    fg = capture(reference_network("mobilenetv2"), torch.zeros(2, 1, 28, 28))
+    kinds = [n.kind for n in fg.nodes]
+    assert "bn" not in kinds and kinds.count("clamp") == 0
+    assert sum(1 for n in fg.nodes if n.kind == "conv" and n.act == (0.0, 6.0)) >= 8
+    net = reference_network("resnet")
+    with torch.no_grad():
+        x = torch.randn(3, 1, 28, 28)
+        rg = capture(net, x)
+        assert torch.allclose(rg.run(x.double())[rg.output].float(), net(x), atol=1e-4)
+
+
+def _ddp_worker(rank, world, port, x, result_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, _ = quantize(reference_network("resnet"), x, "int8-default", epochs=2, dataset_size=len(x),
+                        progress=False)
+    if rank == 0:
+        model.save(result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_single_process(mnist, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from qftsim import intmodel
+
+    x, _, x_test, y_test = mnist
+    calib = x[:512]
+    reference_network("resnet")  # train (and cache) before the workers start
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, calib, str(tmp_path / "ddp.qft")), nprocs=2, join=True)
+    ddp = intmodel.load(tmp_path / "ddp.qft")
+    single, _ = quantize(reference_network("resnet"), calib, "int8-default", epochs=2, dataset_size=512,
+                         progress=False)
+
+    def accuracy(m):
+        out = _simulate(m, m.inputs[0].quant.quantize(x_test.numpy()))
+        return float((out.argmax(1) == y_test.numpy()).mean())
+
+    assert abs(accuracy(ddp) - accuracy(single)) <= 0.005
