@@ -107,7 +107,7 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
 
 def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     """Trace `model` (eval mode) on `example` (a batch) into the canonical FGraph."""
-    model = model.eval()
+    _eval_mode(model)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types for dynamic control flow
@@ -117,14 +117,18 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
         ShapeProp(gm).propagate(example.float())
     nodes: list[FNode] = []
     alias: dict[str, str] = {}  # removed identity nodes -> their input
+    consts: dict[str, torch.Tensor] = {}  # get_attr nodes (parameters of a torch.export program)
     for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            consts[node.name] = _get_attr(gm, node.target).detach()
+            continue
         if node.op == "output":
             out = node.args[0]
             if not isinstance(out, fx.Node):
                 raise QftsimError("the model must return a single tensor")
             output = alias.get(out.name, out.name)
             continue
-        fnode = _convert(gm, node, alias)
+        fnode = _convert(gm, node, alias, consts)
         if fnode is None:
             continue
         meta = node.meta.get("tensor_meta")
@@ -135,8 +139,23 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     return graph
 
 
-def _arg_names(args, alias) -> list[str]:
-    return [alias.get(a.name, a.name) for a in args if isinstance(a, fx.Node)]
+def _get_attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _eval_mode(model: nn.Module) -> None:
+    """Eval mode, where the module allows it (a torch.export program's module is always in it)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+
+
+def _arg_names(args, alias, consts=()) -> list[str]:
+    return [alias.get(a.name, a.name) for a in args if isinstance(a, fx.Node) and a.name not in consts]
 
 
 def _pair(v) -> list[int]:
@@ -147,11 +166,13 @@ def _unsupported(node, what) -> QftsimError:
     return QftsimError(f"node {node.name!r}: unsupported op {what}; supported: {SUPPORTED}")
 
 
-def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict) -> FNode | None:
+def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict, consts: dict) -> FNode | None:
     name = node.name
     if node.op == "placeholder":
         return FNode(name, "input", [])
-    ins = _arg_names(node.args, alias)
+    ins = _arg_names(node.args, alias, consts)
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return _from_aten(node, name, ins, alias, consts)
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return _from_module(node, name, mod, ins, alias)
@@ -225,6 +246,8 @@ def _kw(node, index, key, default):
 
 def _from_function(node, name, ins, alias):
     t = node.target
+    if t is operator.getitem and node.args[1] == 0:  # first result of an ATen batch norm
+        return _identity(name, ins, alias)
     if t in (operator.add, torch.add):
         if len(ins) != 2:
             raise _unsupported(node, "add of a tensor and a constant")
@@ -257,6 +280,73 @@ def _from_function(node, name, ins, alias):
         if t is fn or t is getattr(F, fn_name, None):
             return FNode(name, "lut", ins, {"function": fn_name})
     raise _unsupported(node, getattr(t, "__name__", str(t)))
+
+
+def _const(consts, arg):
+    return None if arg is None else consts[arg.name].double()
+
+
+def _from_aten(node, name, ins, alias, consts):
+    """ATen ops, as in the module of a torch.export program (.pt2)."""
+    aten = torch.ops.aten
+    t, args = node.target, node.args
+    if t is aten.conv2d.default:
+        w = _const(consts, args[1])
+        b = _const(consts, args[2] if len(args) > 2 else None)
+        stride, padding, dilation, groups = (list(args[3:]) + [[1, 1], [0, 0], [1, 1], 1][len(args) - 3:])[:4]
+        ph, pw = _pair(padding)
+        return FNode(name, "conv", ins[:1], {"stride": _pair(stride), "padding": [ph, pw, ph, pw],
+                                             "dilation": _pair(dilation), "groups": int(groups)},
+                     w, b if b is not None else torch.zeros(w.shape[0], dtype=torch.float64))
+    if t is aten.linear.default:
+        w = _const(consts, args[1])
+        b = _const(consts, args[2] if len(args) > 2 else None)
+        return FNode(name, "linear", ins[:1], {}, w, b if b is not None else torch.zeros(w.shape[0],
+                                                                                           dtype=torch.float64))
+    if t in (aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default):
+        gamma, beta, mean, var = (_const(consts, a) for a in args[1:5])
+        eps = args[6] if t is aten._native_batch_norm_legit_no_training.default else args[7]
+        return FNode(name, "bn", ins[:1], {"mean": mean, "var": var, "eps": eps,
+                                           "gamma": gamma if gamma is not None else torch.ones_like(mean),
+                                           "beta": beta if beta is not None else torch.zeros_like(mean)})
+    if t in (aten.relu.default, aten.relu_.default):
+        return _act(name, ins, 0, INF)
+    if t in (aten.hardtanh.default, aten.hardtanh_.default):
+        return _act(name, ins, args[1] if len(args) > 1 else -1.0, args[2] if len(args) > 2 else 1.0)
+    if t is aten.clamp.default:
+        lo, hi = (list(args[1:]) + [None, None])[:2]
+        return _act(name, ins, -INF if lo is None else lo, INF if hi is None else hi)
+    if t in (aten.add.Tensor, aten.add_.Tensor):
+        return FNode(name, "add", ins)
+    if t is aten.cat.default:
+        if (args[1] if len(args) > 1 else 0) not in (1, -3):
+            raise _unsupported(node, "cat on an axis other than channels")
+        return FNode(name, "cat", _arg_names(args[0], alias, consts))
+    if t is aten.max_pool2d.default:
+        kernel, stride, padding, dilation, ceil = (list(args[1:]) + [None, [], 0, 1, False][len(args) - 1:])[:5]
+        return _pool(node, name, ins, "maxpool", kernel, stride or kernel, padding, dilation, ceil, True)
+    if t is aten.avg_pool2d.default:
+        kernel, stride, padding, ceil, count_pad, divisor = (
+            list(args[1:]) + [None, [], 0, False, True, None][len(args) - 1:])[:6]
+        return _pool(node, name, ins, "avgpool", kernel, stride or kernel, padding, 1, ceil, count_pad, divisor)
+    if t is aten.adaptive_avg_pool2d.default:
+        return _global_pool(node, name, ins, args[1])
+    if t is aten.mean.dim and sorted(int(d) % 4 for d in args[1]) == [2, 3] and len(args) > 2 and args[2]:
+        return _global_pool(node, name, ins, 1)
+    if t is aten.flatten.using_ints:
+        return _flatten(node, name, ins, args[1] if len(args) > 1 else 0, args[2] if len(args) > 2 else -1)
+    if t in (aten.view.default, aten.reshape.default):
+        return FNode(name, "reshape", ins[:1])
+    if t in (aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default):
+        return _identity(name, ins, alias)
+    if t is aten.constant_pad_nd.default:
+        if (args[2] if len(args) > 2 else 0) != 0 or len(args[1]) != 4:
+            raise _unsupported(node, "padding other than 2-D zero padding")
+        return _pad(name, ins, args[1])
+    for fn_name in LUT_FUNCTIONS:
+        if t is getattr(aten, fn_name).default:
+            return FNode(name, "lut", ins, {"function": fn_name})
+    raise _unsupported(node, str(t))
 
 
 def _from_method(node, name, ins, alias):

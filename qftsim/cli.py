@@ -151,6 +151,63 @@ def _verify(args) -> int:
     return status
 
 
+def _demo(args) -> int:
+    from qftsim.demo import format_summary, run_demo
+
+    summary = run_demo(args.profile, args.out, epochs=args.epochs, progress=not args.quiet, target=args.target)
+    print(format_summary(summary))
+    print(f"artifacts: {args.out}/ (model.qft, model.so + model.so.json, inputs.npy, report/summary.md, "
+          "summary.json)")
+    equal = summary["simulator_accuracy"] == summary["compiled_accuracy"] == summary["qft_accuracy"]
+    return EXIT_OK if equal and summary["compiled_equals_simulator"] else EXIT_CHECK_FAILED
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QftsimError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _quantize(args) -> int:
+    import json
+    import warnings
+
+    from qftsim.intmodel import atomic_write_bytes
+    from qftsim.loaders import load_calibration, load_exported_program, load_factory
+    from qftsim.qft import quantize
+    from qftsim.report import write_report
+    from qftsim.sim import simulate
+
+    if bool(args.model) == bool(args.factory):
+        raise QftsimError("give exactly one of --model FILE.pt2 or --factory package.module:function")
+    model = load_exported_program(args.model) if args.model else load_factory(args.factory, args.weights)
+    data = load_calibration(args.data, args.resize, args.crop, _floats(args.mean), _floats(args.std),
+                            args.channels, args.npz_key)
+    print(f"calibration data: {tuple(data.shape)} from {args.data}")
+    loss_layers = {}
+    for item in args.loss_layer or []:
+        name, _, factor = item.partition("=")
+        loss_layers[name] = float(factor or 1.0)
+    int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
+                                 dataset_size=args.dataset_size, batch_size=args.batch_size,
+                                 learning_rate=args.lr, loss=args.loss, loss_layers=loss_layers,
+                                 freeze=tuple(args.freeze or ()), seed=args.seed, device=args.device,
+                                 progress=not args.quiet)
+    int_model.save(args.output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = simulate(int_model, int_model.inputs[0].quant.quantize(data[:256].numpy()))
+    report_dir = Path(args.report or Path(args.output).with_suffix("").as_posix() + "-report")
+    rows = [("method", args.method), ("calibration loss", f"{report['final_loss']:.5g}"),
+            ("accumulator overflows (calibration data)", sim.overflows)]
+    write_report(report_dir, int_model.profile, {args.method: report}, sim.report, rows)
+    atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
+    print(f"wrote {args.output} (profile {int_model.profile.name}, {len(int_model.nodes)} nodes); "
+          f"calibration loss {report['final_loss']:.5g}; report: {report_dir}/summary.md")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qftsim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +230,43 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--report", action="store_true", help="print the per-layer accumulator/clamp report")
     simulate.add_argument("--output", metavar="OUT.npy", help="write the integer output")
     simulate.set_defaults(func=_simulate)
+
+    demo = sub.add_parser("demo", help="the whole path on the bundled MNIST subset: train/load, rtn and QFT, "
+                                        "simulate, compile, verify, report")
+    demo.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
+    demo.add_argument("--out", default="qftsim-demo", help="artifact folder (default ./qftsim-demo)")
+    demo.add_argument("--epochs", type=int, default=4, help="QFT epochs")
+    demo.add_argument("--target", default="host", choices=["host", "x86-64"])
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+
+    quant = sub.add_parser("quantize", help="quantize your own model for a profile and write a .qft file")
+    quant.add_argument("--model", help="a torch.export program (.pt2)")
+    quant.add_argument("--factory", help="package.module:function returning an nn.Module")
+    quant.add_argument("--weights", help="state dict for the factory's model (torch.load weights_only=True)")
+    quant.add_argument("--data", required=True, help=".npy, .npz or a folder of images")
+    quant.add_argument("--npz-key", help="which array of an .npz")
+    quant.add_argument("--resize", type=int, help="images: shorter side to this many pixels")
+    quant.add_argument("--crop", type=int, help="images: center crop to this square size")
+    quant.add_argument("--channels", type=int, default=3, help="images: 1 (grey) or 3 (RGB)")
+    quant.add_argument("--mean", default="0", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
+    quant.add_argument("--std", default="1", help="images: per-channel std to divide by")
+    quant.add_argument("--profile", default="int8-default")
+    quant.add_argument("--method", default="qft", help="qft, or rtn/mse/cle/bias_correction joined by +")
+    quant.add_argument("--epochs", type=int, default=4)
+    quant.add_argument("--dataset-size", type=int, default=1024)
+    quant.add_argument("--batch-size", type=int, default=32)
+    quant.add_argument("--lr", type=float, default=1e-3)
+    quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"])
+    quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
+    quant.add_argument("--freeze", action="append", metavar="GROUP",
+                       help="weights, biases, weight_scales, act_scales or equalization")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--device", default="cpu")
+    quant.add_argument("--quiet", action="store_true")
+    quant.add_argument("-o", "--output", required=True, metavar="OUT.qft")
+    quant.add_argument("--report", metavar="DIR", help="report folder (default OUT-report)")
+    quant.set_defaults(func=_quantize)
 
     export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar")
     export.add_argument("model")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qftsim.capture import FGraph, capture, float_op
+from qftsim.capture import FGraph, _eval_mode, capture, float_op
 from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel
 from qftsim.profile import HardwareProfile, load_profile
@@ -140,7 +140,7 @@ def calibration_tensor(data) -> torch.Tensor:
 
 
 def capture_checked(model: nn.Module, data: torch.Tensor) -> FGraph:
-    model.eval()
+    _eval_mode(model)
     try:
         with torch.no_grad():
             model(data[:1])

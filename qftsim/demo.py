@@ -1,0 +1,118 @@
+"""`qftsim demo`: the whole path on bundled data, from a float network to a verified compiled integer model."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qftsim.intmodel import atomic_write_bytes
+from qftsim.profile import load_profile
+from qftsim.qft import quantize_graph
+from qftsim.report import write_report
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+from qftsim.zoo import load_mnist, reference_network
+
+NETWORK = "mobilenetv2"
+
+
+def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo", epochs: int = 4,
+             progress: bool = True, target: str = "host") -> dict:
+    """Train/load, quantize (rtn and QFT), simulate, compile, verify; write artifacts; return the summary."""
+    import export
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(profile_name)
+    seconds = {}
+
+    def stage(name):
+        seconds[name] = time.perf_counter()
+
+    def done(name):
+        seconds[name] = round(time.perf_counter() - seconds[name], 2)
+
+    stage("float_model")
+    net = reference_network(NETWORK)
+    x_train, _, x_test, y_test = load_mnist()
+    calibration, labels = x_train[:1024], y_test.numpy()
+    with torch.no_grad():
+        float_acc = _accuracy(net(x_test).numpy(), labels)
+    done("float_model")
+
+    stage("rtn")
+    rtn_graph, rtn_report = quantize_graph(net, calibration, profile, method="rtn")
+    rtn_acc = _accuracy(_graph_outputs(rtn_graph, x_test), labels)
+    done("rtn")
+
+    stage("qft")
+    qft_graph, qft_report = quantize_graph(net, calibration, profile, method="qft", epochs=epochs, progress=progress)
+    qft_acc = _accuracy(_graph_outputs(qft_graph, x_test), labels)  # QFT's own (evaluation-mode) number
+    int_model = qft_graph.integerize()
+    int_model.save(out / "model.qft")
+    done("qft")
+
+    stage("simulate")
+    x_int = int_model.inputs[0].quant.quantize(x_test.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        sim = simulate(int_model, x_int)
+    sim_out = sim.outputs[int_model.outputs[0]]
+    sim_acc = _accuracy(sim_out, labels)
+    np.save(out / "inputs.npy", x_int[:64], allow_pickle=False)
+    done("simulate")
+
+    stage("compile")
+    export.export_library(int_model, out / "model.so", target)
+    compiled = export.load(out / "model.so")
+    done("compile")
+
+    stage("verify")
+    compiled_out = compiled.run(x_int)[int_model.outputs[0]]
+    compiled_acc = _accuracy(compiled_out, labels)
+    parity = bool(np.array_equal(compiled_out, sim_out))
+    done("verify")
+
+    headroom = min(r.headroom_bits for r in sim.report if r.acc_bits is not None)
+    summary = {
+        "profile": profile.name, "network": NETWORK, "float_accuracy": float_acc, "rtn_accuracy": rtn_acc,
+        "qft_accuracy": qft_acc, "simulator_accuracy": sim_acc, "compiled_accuracy": compiled_acc,
+        "compiled_equals_simulator": parity, "accumulator_overflows": sim.overflows,
+        "min_accumulator_headroom_bits": round(headroom, 2), "qft_initialisation": qft_report.get("chosen_init"),
+        "test_images": int(len(labels)), "calibration_images": int(len(calibration)), "seconds": seconds,
+    }
+    stage("report")
+    rows = [(k, v) for k, v in summary.items() if k != "seconds"]
+    write_report(out / "report", profile, {"rtn": rtn_report, "qft": qft_report}, sim.report, rows)
+    done("report")
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _graph_outputs(qgraph, x) -> np.ndarray:
+    with torch.no_grad():
+        return qgraph.run_integers(x)[qgraph.fg.output].numpy()
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(1) == labels).mean())
+
+
+def format_summary(s: dict) -> str:
+    rows = [
+        ("network / profile", f"{s['network']} / {s['profile']}"),
+        ("float accuracy", f"{s['float_accuracy']:.4f}"),
+        ("rtn accuracy", f"{s['rtn_accuracy']:.4f}"),
+        ("QFT accuracy (eval graph)", f"{s['qft_accuracy']:.4f}"),
+        ("simulator accuracy", f"{s['simulator_accuracy']:.4f}"),
+        ("compiled (TVM) accuracy", f"{s['compiled_accuracy']:.4f}"),
+        ("compiled == simulator", "yes, every output" if s["compiled_equals_simulator"] else "NO"),
+        ("accumulator overflows", str(s["accumulator_overflows"])),
+        ("min accumulator headroom", f"{s['min_accumulator_headroom_bits']} bits"),
+    ] + [(f"time: {k}", f"{v:.1f} s") for k, v in s["seconds"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

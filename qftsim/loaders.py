@@ -1,0 +1,129 @@
+"""Loading what a user brings: a model (.pt2 program or a factory) and calibration data (.npy, .npz, images)."""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qftsim.errors import QftsimError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_exported_program(path: str | Path) -> nn.Module:
+    """The module of a torch.export program (.pt2), with its shape guards removed so any batch size runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise QftsimError(f"{path}: no such model file")
+    try:
+        module = torch.export.load(str(path)).module()
+    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise QftsimError(f"{path}: not a torch.export program (.pt2): {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    graph = module.graph
+    for node in list(graph.nodes):
+        guard = (node.op == "call_module" and str(node.target).startswith("_guards")) or (
+            node.op == "call_function" and node.target in (torch._assert, torch.ops.aten._assert_scalar.default))
+        if guard:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """`package.module:function` called with no arguments; optional weights via torch.load(weights_only=True)."""
+    if ":" not in spec:
+        raise QftsimError(f"factory {spec!r}: expected package.module:function")
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise QftsimError(f"factory {spec!r}: {exc}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise QftsimError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(str(weights), weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise QftsimError(f"{weights}: not loadable with torch.load(weights_only=True): {exc}") from None
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            raise QftsimError(f"{weights}: does not fit {spec}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def load_calibration(path: str | Path, size: int | None = None, crop: int | None = None,
+                     mean=(0.0,), std=(1.0,), channels: int = 3, key: str | None = None) -> torch.Tensor:
+    """A float batch from .npy, .npz (its only array, or `key`) or a folder of images.
+
+    Images are resized (shorter side to `size`), center-cropped to `crop`,
+    scaled to [0, 1], normalized by per-channel `mean` and `std`, CHW.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise QftsimError(f"{path}: no such calibration data")
+    if path.is_dir():
+        return _load_images(path, size, crop, mean, std, channels)
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.keys())
+                if key is None and len(names) != 1:
+                    raise QftsimError(f"{path}: holds {names}; choose one with --npz-key")
+                if key is not None and key not in names:
+                    raise QftsimError(f"{path}: no array {key!r}; it holds {names}")
+                array = archive[key or names[0]]
+        else:
+            raise QftsimError(f"{path}: calibration data must be .npy, .npz or a folder of images")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise QftsimError(f"{path}: unreadable ({exc})") from None
+    if array.dtype.kind not in "fiu" or array.ndim < 2:
+        raise QftsimError(f"{path}: expected a numeric batch (N, ...), got {array.dtype} {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _load_images(folder: Path, size, crop, mean, std, channels) -> torch.Tensor:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise QftsimError("reading an image folder needs Pillow: pip install pillow") from None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise QftsimError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise QftsimError(f"--channels must be 1 or 3, got {channels}")
+    batch = []
+    for file in files:
+        try:
+            image = Image.open(file).convert(mode)
+        except OSError as exc:
+            raise QftsimError(f"{file}: not a readable image ({exc})") from None
+        if size:
+            scale = size / min(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BILINEAR)
+        if crop:
+            if min(image.size) < crop:
+                raise QftsimError(f"{file}: {image.size} is smaller than the crop {crop} (use --resize)")
+            left, top = (image.width - crop) // 2, (image.height - crop) // 2
+            image = image.crop((left, top, left + crop, top + crop))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        batch.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    shapes = {a.shape for a in batch}
+    if len(shapes) != 1:
+        raise QftsimError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; use --resize and --crop")
+    data = np.stack(batch)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return torch.from_numpy((data - m) / s)

@@ -1,0 +1,92 @@
+"""The user's path: qftsim quantize on .pt2 / factory models with .npy / image-folder data, and qftsim demo."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qftsim import intmodel
+from qftsim.zoo import MNIST_MEAN, MNIST_STD, load_mnist, reference_network
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qftsim.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user")
+    x = load_mnist()[0][:48]
+    np.save(folder / "calib.npy", x.numpy())
+    net = reference_network("resnet")
+    torch.export.save(torch.export.export(net, (x[:2],)), str(folder / "resnet.pt2"))
+    torch.save(reference_network("mobilenetv2").state_dict(), folder / "mobilenet.pt")
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir()
+    pixels = np.clip(np.rint((x.numpy()[:, 0] * MNIST_STD + MNIST_MEAN) * 255), 0, 255).astype(np.uint8)
+    for i, digit in enumerate(pixels):
+        Image.fromarray(digit).save(images / f"{i:03d}.png")
+    return folder
+
+
+KNOBS = ["--epochs", "1", "--dataset-size", "32", "--batch-size", "16", "--quiet"]
+
+
+def test_quantize_pt2_with_npy(inputs):
+    out = inputs / "pt2.qft"
+    res = _cli("quantize", "--model", str(inputs / "resnet.pt2"), "--data", str(inputs / "calib.npy"),
+               "--profile", "npu-a8w4", "--loss", "kl", "--freeze", "equalization", *KNOBS, "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    model = intmodel.load(out)
+    assert model.profile.name == "npu-a8w4" and any(n.op == "add" for n in model.nodes)
+    assert (inputs / "pt2-report" / "summary.md").is_file() and (inputs / "pt2-report" / "sqnr_per_layer.png").is_file()
+
+
+def test_quantize_factory_with_image_folder(inputs):
+    out = inputs / "factory.qft"
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--weights", str(inputs / "mobilenet.pt"),
+               "--data", str(inputs / "images"), "--channels", "1", "--mean", str(MNIST_MEAN), "--std",
+               str(MNIST_STD), "--method", "cle+bias_correction", *KNOBS, "-o", str(out), "--report",
+               str(inputs / "rep"))
+    assert res.returncode == 0, res.stderr
+    assert "calibration data: (48, 1, 28, 28)" in res.stdout
+    assert intmodel.load(out).inputs[0].shape == (1, 28, 28)
+    assert json.loads((inputs / "rep" / "report.json").read_text())["method"] == "cle+bias_correction"
+
+
+def test_quantize_errors_are_one_line(inputs):
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "nope.npy"),
+               "-o", str(inputs / "x.qft"))
+    assert res.returncode == 2 and "no such calibration data" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("quantize", "--model", str(inputs / "calib.npy"), "--data", str(inputs / "calib.npy"),
+               "-o", str(inputs / "x.qft"))
+    assert res.returncode == 2 and "not a torch.export program" in res.stderr
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "calib.npy"),
+               "--profile", "no-such", "-o", str(inputs / "x.qft"))
+    assert res.returncode == 2 and "unknown profile" in res.stderr
+    np.save(inputs / "wrong.npy", np.zeros((4, 3, 28, 28), np.float32))
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "wrong.npy"),
+               "-o", str(inputs / "x.qft"))
+    assert res.returncode == 2 and "rejects calibration data of shape (3, 28, 28)" in res.stderr
+    assert not (inputs / "x.qft").exists()
+
+
+def test_demo_writes_everything(tmp_path):
+    res = _cli("demo", "--profile", "cmsis-nn", "--epochs", "1", "--quiet", "--out", str(tmp_path / "demo"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["simulator_accuracy"] == summary["compiled_accuracy"] == summary["qft_accuracy"]
+    assert summary["compiled_equals_simulator"] and 0.9 < summary["qft_accuracy"] <= 1
+    for key in ("profile", "network", "float_accuracy", "rtn_accuracy", "accumulator_overflows", "seconds"):
+        assert key in summary
+    for name in ("model.qft", "model.so", "model.so.json", "inputs.npy", "report/summary.md",
+                 "report/accumulator_headroom.png", "report/qft_loss.png", "report/scales.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "simulator accuracy" in res.stdout
+    sim = _cli("simulate", str(tmp_path / "demo" / "model.qft"), "--input", str(tmp_path / "demo" / "inputs.npy"))
+    assert sim.returncode == 0 and "already-quantized" in sim.stdout
