@@ -1,0 +1,68 @@
+"""Compiled (TVM) latency next to torch fp32 eager and the simulator, for both reference networks.
+
+    python benchmarks/tvm_speed.py [--profile int8-default] [--target host] [--repeats 20]
+
+Issue 5's target: compiled int8 at least as fast as torch fp32 eager at
+batch 1 and batch 64. Ratios are measured in one run on one machine.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import export
+from qftsim.qft import quantize
+from qftsim.sim import simulate
+from qftsim.zoo import load_mnist, reference_network
+
+
+def best_of(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # steadier timings on this VM (see sim_speed.py)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="int8-default")
+    ap.add_argument("--target", default="host", choices=["host", "x86-64"])
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    x_train, _, x_test, _ = load_mnist()
+    print(f"# {platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"TVM target {args.target}, profile {args.profile}; milliseconds, best of {args.repeats}")
+    print(f"{'network':12s} {'batch':>5s} {'torch fp32':>10s} {'compiled':>9s} {'simulator':>9s} "
+          f"{'compiled/torch':>14s} {'sim/torch':>9s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for network in ("resnet", "mobilenetv2"):
+            net = reference_network(network)
+            model, _ = quantize(net, x_train[:256], args.profile, method="rtn")
+            export.export_library(model, Path(tmp) / f"{network}.so", args.target)
+            compiled = export.load(Path(tmp) / f"{network}.so")
+            for batch in (1, 64):
+                real = x_test[:batch]
+                x = model.inputs[0].quant.quantize(real.numpy())
+                with torch.no_grad():
+                    t_torch = best_of(lambda: net(real), args.repeats)
+                t_compiled = best_of(lambda: compiled.run(x), args.repeats)
+                t_sim = best_of(lambda: simulate(model, x), args.repeats)
+                print(f"{network:12s} {batch:5d} {t_torch * 1e3:10.2f} {t_compiled * 1e3:9.2f} {t_sim * 1e3:9.2f} "
+                      f"{t_compiled / t_torch:14.2f} {t_sim / t_torch:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
