@@ -12,7 +12,6 @@ import argparse
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from qftsim import list_profiles

@@ -1,45 +1,21 @@
 """Simulator throughput next to torch fp32 eager on the same network, measured in one run.
 
-    python benchmarks/sim_speed.py [--batch 64] [--channels 32] [--size 32] [--repeats 5]
+    python benchmarks/sim_speed.py [--batch 64] [--channels 32] [--size 32] [--repeats 20]
 
 Target (issue 3): the simulator within 3x of torch fp32 when the profile
 does not saturate at every MAC.
-
-Timing noise on this VM is dominated by page faults of freshly mapped
-buffers (glibc unmaps large blocks on free); the script re-runs itself with
-glibc's mmap/trim thresholds raised, which speeds torch and the simulator
-alike and makes repeated runs agree.
 """
 
 import argparse
-import os
 import platform
-import sys
-import time
 
 import numpy as np
 import torch
+from _timing import best_of, steady_malloc
 
 from qftsim import list_profiles
 from qftsim.sim import simulate
 from qftsim.zoo import random_cnn
-
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def steady_malloc():
-    """Re-exec with glibc keeping freed large blocks (see the module docstring)."""
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main():

@@ -7,15 +7,12 @@ batch 1 and batch 64. Ratios are measured in one run on one machine.
 """
 
 import argparse
-import os
 import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from _timing import best_of, steady_malloc
 
 import export
 from qftsim.qft import quantize
@@ -23,20 +20,8 @@ from qftsim.sim import simulate
 from qftsim.zoo import load_mnist, reference_network
 
 
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main():
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # steadier timings on this VM (see sim_speed.py)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    steady_malloc()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="int8-default")
     ap.add_argument("--target", default="host", choices=["host", "x86-64"])

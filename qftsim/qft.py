@@ -21,7 +21,6 @@ from torch import nn
 
 from qftsim.capture import FGraph, _eval_mode, capture, float_op
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel
 from qftsim.profile import HardwareProfile, load_profile
 from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
 

@@ -285,7 +285,7 @@ class QGraph(nn.Module):
         if spec.overflow == "saturate":
             return arith.saturate(acc, spec.bits)  # every_mac is reachable only under A2Q: no partial overflow
         if acc.numel() and (acc.min() < lo or acc.max() > hi):
-            raise QftsimError(f"accumulator overflow in evaluation (profile says accumulator.overflow: error)")
+            raise QftsimError("accumulator overflow in evaluation (profile says accumulator.overflow: error)")
         return acc
 
     def add_multipliers(self, n: FNode):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import export
 from export.build import resolve_target
 from export.lower import lower_into
-from qftsim import QftsimError, intmodel
+from qftsim import QftsimError
 from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import random_cnn
 from tests import gen
