@@ -39,12 +39,20 @@ def resolve_target(name: str):
     raise QftsimError(f"unknown target {name!r}; accepted: {', '.join(TARGETS)}")
 
 
-def _build(model: IntModel, target: str):
+def compile_module(mod, target: str):
+    """tvm.compile with the convolution schedules (export.schedule) in TVM's CPU pipeline."""
     import tvm
 
+    from export.schedule import pipeline
+
+    resolved = resolve_target(target)
+    return tvm.compile(mod, target=resolved, relax_pipeline=pipeline(resolved))
+
+
+def _build(model: IntModel, target: str):
     from export.lower import lower
 
-    return tvm.compile(lower(model), target=resolve_target(target))
+    return compile_module(lower(model), target)
 
 
 def compile_model(model: IntModel, target: str = "host") -> "CompiledModel":

@@ -137,6 +137,12 @@ def _accumulator_mode(node: Node, model: IntModel, q_in: TensorQuant):
     return mode, ("int32" if worst <= INT32_SAFE else "int64")
 
 
+def _operand_dtype(q_in: TensorQuant, weight: np.ndarray, sum_dtype: str) -> str:
+    """int16 operands (faster kernels) where centered inputs and weights fit, else the sum's type."""
+    fits = _centered_peak(q_in) < 2**15 and np.abs(weight).max(initial=0) < 2**15
+    return "int16" if sum_dtype == "int32" and fits else sum_dtype
+
+
 def _apply_overflow(exact: IntExpr, model: IntModel) -> IntExpr:
     acc = model.profile.accumulator
     if acc.overflow == "wrap":
@@ -162,8 +168,9 @@ def _lower_conv2d(bb, node, xs, qs, model):
             _saturating_conv, padded, _const(w), _const(bias), a["stride"], a["dilation"], a["groups"],
             model.profile.accumulator.range))
     else:
-        inp = bb.emit(relax.op.astype(padded, sum_dtype))
-        conv = bb.emit(relax.op.nn.conv2d(inp, _const(w, sum_dtype), strides=a["stride"], padding=0,
+        operand = _operand_dtype(q, w, sum_dtype)
+        inp = bb.emit(relax.op.astype(padded, operand))
+        conv = bb.emit(relax.op.nn.conv2d(inp, _const(w, operand), strides=a["stride"], padding=0,
                                           dilation=a["dilation"], groups=a["groups"], out_dtype=sum_dtype))
         exact = _emit_int(bb, relax.op.astype(conv, "int64")) + bias.reshape(1, -1, 1, 1)
         if mode == "final":
@@ -181,8 +188,9 @@ def _lower_linear(bb, node, xs, qs, model):
         exact = IntExpr(bb, bb.emit_te(_saturating_dense, centered.expr, _const(w), _const(bias),
                                        model.profile.accumulator.range))
     else:
-        inp = bb.emit(relax.op.astype(centered.expr, sum_dtype))
-        prod = bb.emit(relax.op.matmul(inp, _const(w.T, sum_dtype), out_dtype=sum_dtype))
+        operand = _operand_dtype(q, w, sum_dtype)
+        inp = bb.emit(relax.op.astype(centered.expr, operand))
+        prod = bb.emit(relax.op.matmul(inp, _const(w.T, operand), out_dtype=sum_dtype))
         exact = _emit_int(bb, relax.op.astype(prod, "int64")) + bias.reshape(1, -1)
         if mode == "final":
             exact = _apply_overflow(exact, model)

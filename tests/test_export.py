@@ -1,6 +1,8 @@
 """TVM export: the compiled model's integers equal the simulator's, exactly."""
 
 import json
+import tempfile
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import export
-from export.build import resolve_target
+from export.build import compile_module, resolve_target
 from export.lower import lower_into
 from qftsim import QftsimError
 from qftsim.sim import AccumulatorOverflowWarning, simulate
@@ -40,7 +42,7 @@ def test_compiled_equals_simulator(data):
     bb = relax.BlockBuilder()
     for i, model in enumerate(models):
         lower_into(bb, model, f"model{i}")
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=resolve_target("host")), tvm.cpu())
+    vm = relax.VirtualMachine(compile_module(bb.get(), "host"), tvm.cpu())
     compared = 0
     for i, (model, x) in enumerate(zip(models, inputs)):
         try:
@@ -52,7 +54,12 @@ def test_compiled_equals_simulator(data):
         for name, out in zip(model.outputs, outs):
             got = out.numpy()
             assert got.dtype == expected[name].dtype
-            assert np.array_equal(got, expected[name]), (i, name, [n.op for n in model.nodes])
+            if not np.array_equal(got, expected[name]):
+                keep = Path(tempfile.mkdtemp(prefix="qftsim-parity-"))
+                model.save(keep / "model.qft")
+                np.save(keep / "input.npy", x)
+                raise AssertionError(f"compiled != simulator for output {name} of "
+                                     f"{[n.op for n in model.nodes]}; kept in {keep}")
             compared += 1
     assert compared >= MODELS_PER_MODULE // 2
 
