@@ -49,7 +49,7 @@ def _schedule(func, conv_name: str):
     sch = tvm.s_tir.Schedule(func)
     try:
         conv = sch.get_sblock(conv_name)
-        if str(sch.get(conv).writes[0].buffer.dtype) != "int32":
+        if str(sch.get(conv).writes[0].source.dtype) != "int32":
             return None  # only the int8/int16 -> int32 kernels (average pooling's int64 sums stay plain)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         for block in blocks:
@@ -60,12 +60,16 @@ def _schedule(func, conv_name: str):
                     pass
         epilogue = sch.get_child_blocks(sch.get_sblock("root"))[-1]
         n, oc, oh, ow, rc, ry, rx = sch.get_loops(conv)
+        conv_extents = [str(sch.get(loop).extent) for loop in (n, oc, oh, ow)]
+        epilogue_extents = [str(sch.get(loop).extent) for loop in sch.get_loops(epilogue)]
         sch.reorder(n, oc, oh, rc, ry, rx, ow)
         # parallel and vectorize while the block is still a reduction: decompose_reduction copies both
         sch.parallel(sch.fuse(n, oc))
         sch.vectorize(ow)
         sch.decompose_reduction(conv, rc)
-        if sch.get(epilogue).name_hint != conv_name:
+        # per-row epilogue only when it covers exactly the conv's output (a fused pad of the
+        # next op covers more: moved under the conv it would leave its border unwritten)
+        if sch.get(epilogue).name_hint != conv_name and epilogue_extents == conv_extents:
             sch.reverse_compute_at(epilogue, oh)
             sch.vectorize(sch.get_loops(epilogue)[-1])
         return sch.mod["main"]
