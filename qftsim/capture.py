@@ -107,7 +107,7 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
 
 def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     """Trace `model` (eval mode) on `example` (a batch) into the canonical FGraph."""
-    _eval_mode(model)
+    set_eval_mode(model)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types for dynamic control flow
@@ -146,7 +146,7 @@ def _get_attr(gm, target: str) -> torch.Tensor:
     return obj
 
 
-def _eval_mode(model: nn.Module) -> None:
+def set_eval_mode(model: nn.Module) -> None:
     """Eval mode, where the module allows it (a torch.export program's module is always in it)."""
     try:
         model.eval()

@@ -74,10 +74,10 @@ def _simulate(args) -> int:
 
     model = intmodel.load(args.model)
     x = load_input_array(model, args.input)
+    result = simulate(model, x, keep_tensors=bool(args.dump), keep_accumulators=args.accumulators)
     if args.dump:
-        golden.dump(model, x, args.dump, accumulators=args.accumulators)
+        golden.write(model, result, args.dump)
         print(f"golden vectors: {args.dump}/manifest.json")
-    result = simulate(model, x)
     if args.output:
         if len(result.outputs) != 1:
             raise QftsimError("--output writes one .npy; this model has several outputs (use --dump)")

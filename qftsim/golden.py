@@ -21,7 +21,7 @@ import numpy as np
 
 from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel
-from qftsim.sim import simulate
+from qftsim.sim import SimResult, simulate
 
 
 def to_hex_lines(values: np.ndarray, bits: int) -> str:
@@ -41,10 +41,19 @@ def from_hex_lines(text: str, bits: int, signed: bool) -> np.ndarray:
 
 def dump(model: IntModel, inputs, out_dir: str | Path, *, accumulators: bool = False) -> dict:
     """Simulate and write every tensor's integers to `out_dir`; returns the manifest."""
-    out_dir = Path(out_dir)
+    _check_empty(Path(out_dir))
+    return write(model, simulate(model, inputs, keep_tensors=True, keep_accumulators=accumulators), out_dir)
+
+
+def _check_empty(out_dir: Path) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise QftsimError(f"{out_dir}: golden vector folder exists and is not empty")
-    result = simulate(model, inputs, keep_tensors=True, keep_accumulators=accumulators)
+
+
+def write(model: IntModel, result: SimResult, out_dir: str | Path) -> dict:
+    """Write a simulation's kept tensors (simulate(..., keep_tensors=True)) to `out_dir`; returns the manifest."""
+    out_dir = Path(out_dir)
+    _check_empty(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

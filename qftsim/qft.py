@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qftsim.capture import FGraph, _eval_mode, capture, float_op
+from qftsim.capture import FGraph, set_eval_mode, capture, float_op
 from qftsim.errors import QftsimError
 from qftsim.profile import HardwareProfile, load_profile
 from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
@@ -139,7 +139,7 @@ def calibration_tensor(data) -> torch.Tensor:
 
 
 def capture_checked(model: nn.Module, data: torch.Tensor) -> FGraph:
-    _eval_mode(model)
+    set_eval_mode(model)
     try:
         with torch.no_grad():
             model(data[:1])
