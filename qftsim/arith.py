@@ -236,18 +236,31 @@ def _requantize_float64(a, m, t, rounding: str):
     """
     xp = torch if _is_torch(a) else np
     if rounding == "gemmlowp_double":
-        w = _float64_product(a, _to_float64(m) * 2.0**-31)
-        _round_float64(w, "half_up")  # SRDHM
-        return _round_float64(xp.multiply(w, _exp2_neg(t - 31), out=w), "half_away")  # RDBPOT
+        # SRDHM rounds u = a*m/2^31 half up to hi; RDBPOT(hi, r) = floor((hi + 2^(r-1) - [hi < 0]) / 2^r)
+        # for r = t - 31 >= 1 (hi itself for r = 0). floor((floor(z) + k) / n) = floor((z + k) / n) for
+        # integers k, n, so both steps are one floor of (u + 1/2 + 2^(r-1) - [hi < 0]) / 2^r. Where a < 0
+        # but hi = 0 (u in [-1/2, 0)), and at a = 0 with half the correction, the floor is the same, so
+        # [hi < 0] becomes (1 - sign(a)) / 2: no per-element branch.
+        r = t - 31
+        scale = _exp2_neg(r)
+        shifts = r > 0
+        half_correction = _where(shifts, 0.5 * scale, 0.0 * scale)
+        offset = (0.5 + _where(shifts, _exp2_neg(1 - r), 0.0 * scale)) * scale - half_correction
+        a = _to_float64(a)  # once: mixed float32/float64 broadcasting costs a hidden copy per operation
+        w = _float64_product(a, _to_float64(m) * 2.0**-31 * scale)
+        w += offset
+        w += xp.sign(a) * half_correction
+        return xp.floor(w, out=w)
     # m * 2^-t is exact in float64, and so is its product with a (< 2^52 significant bits)
     return _round_float64(_float64_product(a, _to_float64(m) * _exp2_neg(t)), rounding)
 
 
 def _float64_product(a, factor):
-    """a * factor as a fresh float64 array of a's broadcast shape (torch would keep float32 for a 0-d factor)."""
+    """a * factor as a fresh float64 array of a's and factor's broadcast shape."""
     if _is_torch(a):
-        out = a * (factor.reshape(1) if factor.dim() == 0 else factor)
-        return out.reshape(()) if a.dim() == 0 and factor.dim() == 0 else out
+        if torch.broadcast_shapes(a.shape, factor.shape) == a.shape:
+            return a.to(torch.float64, copy=True).mul_(factor)  # in place on a fresh copy: fastest here
+        return a.to(torch.float64) * factor
     return np.asarray(np.asarray(a) * factor, dtype=np.float64)
 
 

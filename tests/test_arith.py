@@ -183,3 +183,14 @@ def test_requantize_float64_path_matches_reference(accs, m, t, rounding):
     fast = arith._requantize_float64(acc.astype(np.float64), np.int64(m), np.int64(t), rounding)
     slow = arith._requantize_int64(acc, np.int64(m), np.int64(t), rounding)
     assert fast.astype(np.int64).tolist() == slow.tolist() == [naive.requantize(a, m, t, rounding) for a in accs]
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(st.integers(-(2**20), 2**20), Q31_MULT, st.integers(31, 40)), min_size=1, max_size=16))
+def test_gemmlowp_float64_path_per_channel(rows):
+    """Double rounding in one floor, with per-element shifts including r = t - 31 = 0."""
+    accs, ms, ts = (np.array(c, dtype=np.int64) for c in zip(*rows))
+    fast = arith._requantize_float64(torch.tensor(accs, dtype=torch.float32), torch.tensor(ms), torch.tensor(ts),
+                                     "gemmlowp_double")
+    assert fast.numpy().astype(np.int64).tolist() == [naive.requantize(int(a), int(m), int(t), "gemmlowp_double")
+                                                      for a, m, t in rows]
