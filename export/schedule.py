@@ -65,16 +65,22 @@ def _schedule(func, conv_name: str):
         sch.reorder(n, oc, oh, rc, ry, rx, ow)
         # parallel and vectorize while the block is still a reduction: decompose_reduction copies both
         sch.parallel(sch.fuse(n, oc))
-        sch.vectorize(ow)
+        _vectorize_constant(sch, ow)
         sch.decompose_reduction(conv, rc)
         # per-row epilogue only when it covers exactly the conv's output (a fused pad of the
         # next op covers more: moved under the conv it would leave its border unwritten)
         if sch.get(epilogue).name_hint != conv_name and epilogue_extents == conv_extents:
             sch.reverse_compute_at(epilogue, oh)
-            sch.vectorize(sch.get_loops(epilogue)[-1])
+            _vectorize_constant(sch, sch.get_loops(epilogue)[-1])
         return sch.mod["main"]
     except Exception:  # noqa: BLE001 - a schedule that does not apply leaves the function as it was
         return None
+
+
+def _vectorize_constant(sch, loop) -> None:
+    """Vectorize a loop of constant extent (a symbolic one, e.g. the batch, fails in code generation)."""
+    if isinstance(sch.get(loop).extent, tvm.tirx.IntImm):
+        sch.vectorize(loop)
 
 
 def pipeline(target):
