@@ -90,10 +90,12 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     report = {"method": method, "profile": profile.name, "seconds": seconds, "loss_curve": []}
     clock = time.perf_counter()
     if method == "qft":
-        candidates = ["mse", "mse+bias_correction"]
-        if equalization_pairs(fg):
-            candidates += ["cle+mse", "cle+mse+bias_correction"]
-        inits = {c: initialize(fg, profile, data, c, cfg) for c in candidates}
+        inits = {}
+        for base in ["mse", "cle+mse"] if equalization_pairs(fg) else ["mse"]:
+            inits[base] = initialize(fg, profile, data, base, cfg)
+            corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
+            correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
+            inits[f"{base}+bias_correction"] = corrected
         losses = {c: evaluate_loss(q, data, teacher, cfg) for c, q in inits.items()}
         chosen = min(losses, key=losses.get)
         report.update(init_losses=losses, chosen_init=chosen)
