@@ -103,6 +103,10 @@ def test_runtime_refuses_bad_pairs_and_inputs(exported, tmp_path):
         export.load(tmp_path / "m.so")
     with pytest.raises(QftsimError, match="unknown target"):
         resolve_target("riscv")
+    in_memory = export.compile_model(model, "x86-64")
+    assert np.array_equal(in_memory.run(real)["fc"], compiled.run(real)["fc"])
+    with pytest.raises(QftsimError, match="cannot run here"):
+        export.compile_model(model, "aarch64")
 
 
 def _cli(*args):
