@@ -13,7 +13,6 @@ factor m * 2^-t; t is the total right shift (negative t shifts left).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -324,11 +323,6 @@ def quantize_multipliers(real: np.ndarray, multiplier_bits: int, shift_range: tu
         m = np.where(drop > 0, _round_shift_int64(m, drop, "half_up"), m)
         t = np.minimum(t, hi)
     return np.where(zero, 0, m), np.where(zero, shift_range[1] if shift_range else 0, t)
-
-
-def multiplier_value(m: int, t: int) -> float:
-    """The real factor m * 2^-t that an integer multiplier applies."""
-    return math.ldexp(m, -t)
 
 
 # ---------------------------------------------------------------- accumulator

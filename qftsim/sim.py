@@ -57,12 +57,6 @@ class LayerReport:
     def clamp_rate(self) -> float:
         return (self.clamp_low + self.clamp_high) / max(self.outputs, 1)
 
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["headroom_bits"] = self.headroom_bits
-        d["clamp_rate"] = self.clamp_rate
-        return d
-
 
 @dataclass
 class SimResult:
@@ -79,13 +73,14 @@ class SimResult:
 def format_report(report: list[LayerReport]) -> str:
     """The per-layer report as a fixed-width table."""
     lines = [f"{'layer':20s} {'op':9s} {'acc min':>12s} {'acc max':>12s} {'headroom':>9s} "
-             f"{'overflow':>9s} {'clamp lo':>9s} {'clamp hi':>9s}"]
+             f"{'overflow':>9s} {'clamp lo':>9s} {'clamp hi':>9s} {'clamped':>8s}"]
     for r in report:
         if r.acc_bits is None:
             acc = f"{'':12s} {'':12s} {'':9s}"
         else:
             acc = f"{r.acc_min:12d} {r.acc_max:12d} {r.headroom_bits:8.1f}b"
-        lines.append(f"{r.name[:20]:20s} {r.op:9s} {acc} {r.overflows:9d} {r.clamp_low:9d} {r.clamp_high:9d}")
+        lines.append(f"{r.name[:20]:20s} {r.op:9s} {acc} {r.overflows:9d} {r.clamp_low:9d} {r.clamp_high:9d} "
+                     f"{r.clamp_rate:7.2%}")
     return "\n".join(lines)
 
 
