@@ -43,7 +43,7 @@ class QftConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-    calibration_batches: int = 256  # samples used for ranges and bias correction
+    calibration_batches: int = 256  # samples used for ranges, bias correction and the exact loss
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -58,20 +58,23 @@ class QftConfig:
             raise QftsimError("device cuda requested but torch sees no CUDA device")
 
 
-def quantize(model: nn.Module, calibration_data, profile, method: str = "qft", **knobs):
+def quantize(model: nn.Module, calibration_data, profile, method: str = "qft", teacher_outputs=None, **knobs):
     """Quantize `model` for `profile`; returns (IntModel, report dict).
 
     method: "qft", or closed-form parts joined by "+": rtn, mse, cle, bias_correction
-    (e.g. "cle+bias_correction"). knobs: the fields of QftConfig.
+    (e.g. "cle+bias_correction"). knobs: the fields of QftConfig. teacher_outputs: the
+    float model's outputs on the calibration data, if already at hand (saves that pass
+    when one model is quantized several ways).
     """
-    qgraph, report = quantize_graph(model, calibration_data, profile, method, **knobs)
+    qgraph, report = quantize_graph(model, calibration_data, profile, method, teacher_outputs, **knobs)
     clock = time.perf_counter()
     int_model = qgraph.integerize()
     report["seconds"]["integerize"] = time.perf_counter() - clock
     return int_model, report
 
 
-def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "qft", **knobs):
+def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "qft", teacher_outputs=None,
+                   **knobs):
     """As quantize(), but returns the trained QGraph (evaluation mode) instead of its IntModel."""
     unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(QftConfig)})
     if unknown:
@@ -85,7 +88,12 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     data = calibration_tensor(calibration_data)[: cfg.dataset_size]
     torch.manual_seed(cfg.seed)
     fg = capture_checked(model, data)
-    teacher = _teacher(model, data, cfg.batch_size)
+    if teacher_outputs is None:
+        teacher = _teacher(model, data, cfg.batch_size)
+    else:
+        teacher = torch.as_tensor(teacher_outputs).float()[: len(data)]
+        if teacher.shape[0] != len(data):
+            raise QftsimError(f"teacher_outputs has {teacher.shape[0]} rows for {len(data)} calibration samples")
     seconds["capture"] = time.perf_counter() - clock
     report = {"method": method, "profile": profile.name, "seconds": seconds, "loss_curve": []}
     clock = time.perf_counter()
@@ -170,8 +178,8 @@ def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method:
     qg = QGraph(fg, profile)
     sample = data[: cfg.calibration_batches]
     ranges = "mse" if "mse" in parts else "minmax"
-    set_weight_scales(qg, ranges)
     set_activation_ranges(qg, fg.run(sample), ranges)
+    set_weight_scales(qg, ranges)
     if "bias_correction" in parts:
         correct_biases(qg, fg, sample)
     qg.eval()
@@ -195,7 +203,13 @@ def equalize(fg: FGraph) -> None:
 
 @torch.no_grad()
 def set_weight_scales(qg: QGraph, ranges: str) -> None:
+    """Per-channel (or per-tensor) weight steps by min-max or MSE, never so small that the bias overflows.
+
+    A channel whose weights are (near) zero still needs its bias: the step is
+    kept at least |bias| / (input step * largest bias integer). Activation
+    ranges must be set first."""
     w_spec = qg.profile.weights
+    bias_max = min(-qg.bias_range()[0], qg.bias_range()[1])
     qmax = w_spec.qmax
     for n in qg.fg.nodes:
         if n.kind not in ("conv", "linear"):
@@ -213,6 +227,8 @@ def set_weight_scales(qg: QGraph, ranges: str) -> None:
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 scale = torch.where(better, step.view(-1), scale)
+        bias_floor = qg.bias[_key(n.name)].double().abs() / (float(qg.act_scale(n.inputs[0])) * bias_max)
+        scale = torch.maximum(scale, bias_floor if w_spec.per_channel else bias_floor.max().reshape(1))
         qg.log_weight_scale[_key(n.name)].copy_(scale.log().float())
 
 
@@ -273,8 +289,12 @@ def loss_fn(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def evaluate_loss(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> float:
-    """The distillation loss of the exact (evaluation-mode) graph on the calibration data."""
+    """The distillation loss of the exact (evaluation-mode) graph on the first calibration_batches samples.
+
+    The exact graph runs in float64, several times slower than training steps: a
+    subset keeps choosing the initialisation cheap on large networks."""
     qg.eval()
+    data, teacher = data[: cfg.calibration_batches], teacher[: cfg.calibration_batches]
     total = 0.0
     for i in range(0, len(data), 256):
         total += float(loss_fn(cfg.loss, qg(data[i:i + 256]), teacher[i:i + 256])) * len(data[i:i + 256])

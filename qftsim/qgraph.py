@@ -178,13 +178,18 @@ class QGraph(nn.Module):
         rnd = trunc_ste if self.profile.accumulator.guarantee == "a2q" else round_ste
         return torch.clamp(rnd(w), self.profile.weights.qmin, self.profile.weights.qmax)
 
-    def int_bias(self, n: FNode) -> torch.Tensor:
+    def bias_range(self) -> tuple[int, int]:
+        """The integer range a bias may take (under A2Q, its share of the accumulator)."""
         lo, hi = self.profile.bias.range
         if self.profile.accumulator.guarantee == "a2q":
             hi = min(hi, math.floor(self.profile.accumulator.range[1] * _BIAS_BUDGET))
             lo = -hi
-        step = self.act_scale(n.inputs[0]) * self.weight_scale(n)
-        return torch.clamp(round_ste(self.bias[_key(n.name)] / step), lo, hi)
+        return lo, hi
+
+    def int_bias(self, n: FNode) -> torch.Tensor:
+        """The integer bias in float64 (float32 cannot hold 2^31 - 1, a 32-bit bias's bound)."""
+        step = (self.act_scale(n.inputs[0]) * self.weight_scale(n)).double()
+        return torch.clamp(round_ste(self.bias[_key(n.name)].double() / step), *self.bias_range())
 
     def multipliers(self, real: torch.Tensor):
         """(factor used in training, m, t): the hardware's m * 2^-t, with the real factor's gradient."""

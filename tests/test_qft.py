@@ -122,6 +122,22 @@ def test_calibration_data_forms(mnist):
     assert a.to_bytes() == b.to_bytes() == c.to_bytes()
 
 
+@pytest.mark.parametrize("profile", ["int8-default", "npu-a8w4"])
+def test_dead_channel_keeps_its_bias(profile):
+    """A channel with all-zero weights outputs its bias: the weight step must leave the bias representable."""
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight[1] = 0.0
+        conv.bias.copy_(torch.tensor([0.1, 0.5]))
+    x = torch.rand(32, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no out-of-range cast while integerizing
+        model, _ = quantize(nn.Sequential(conv, nn.ReLU()), x, profile, method="rtn")
+    node = model.nodes[0]
+    out = node.quant.dequantize(simulate(model, model.inputs[0].quant.quantize(x.numpy())).outputs[node.name])
+    assert np.abs(out[:, 1] - 0.5).max() <= node.quant.scale
+
+
 def test_capture_folds_and_fuses():
     fg = capture(reference_network("mobilenetv2"), torch.zeros(2, 1, 28, 28))
     kinds = [n.kind for n in fg.nodes]
