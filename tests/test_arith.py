@@ -37,6 +37,24 @@ def test_requantize_matches_reference(accs, m, t, rounding):
 
 
 @EXAMPLES
+@given(st.lists(st.integers(2**30 + 1, 2**31 - 1).filter(lambda m: m % 2), min_size=1, max_size=8),
+       st.integers(22, 31), st.integers(-3, 3), st.sampled_from(SHIFT_MODES), st.booleans())
+def test_requantize_near_rounding_boundaries_of_wide_products(ms, t, d, rounding, on_integer):
+    """acc * m beyond 2^52 and exactly d * 2^-t away from a rounding boundary (an integer or a half).
+
+    acc = (boundary + d) * m^-1 mod 2^t does it; float64 cannot resolve such products."""
+    boundary = 0 if on_integer else 2 ** (t - 1)
+    accs = [(boundary + d) * pow(m, -1, 2**t) % 2**t for m in ms]
+    rows = [(a, m) for a, m in zip(accs, ms) if a * m >= 2**52]
+    if rows:
+        accs, ms = (np.array(c, dtype=np.int64) for c in zip(*rows))
+        for sign in (1, -1):
+            got = arith.requantize(torch.from_numpy(sign * accs).double(), torch.from_numpy(ms), t, rounding)
+            assert [int(v) for v in got] == [naive.requantize(sign * int(a), int(m), t, rounding)
+                                             for a, m in rows]
+
+
+@EXAMPLES
 @given(st.lists(st.tuples(INT32, Q31_MULT, st.integers(0, 62)), min_size=1, max_size=16),
        st.sampled_from(ROUNDING_MODES))
 def test_requantize_per_channel_broadcast(rows, rounding):
