@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
 
 METHOD_PARTS = ("rtn", "mse", "cle", "bias_correction")
 LOSSES = ("l2rel", "l2", "kl", "ce")
+REPORT_SAMPLES = 32  # calibration samples behind the per-layer SQNR report
 
 
 @dataclass
@@ -120,7 +122,7 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
         seconds["initialize"] = time.perf_counter() - clock
     qg.eval()
-    report["layers"] = layer_report(qg, fg, data[: cfg.calibration_batches])
+    report["layers"] = layer_report(qg, fg, data[:REPORT_SAMPLES])
     return qg, report
 
 
@@ -206,10 +208,11 @@ def set_weight_scales(qg: QGraph, ranges: str) -> None:
     """Per-channel (or per-tensor) weight steps by min-max or MSE, never so small that the bias overflows.
 
     A channel whose weights are (near) zero still needs its bias: the step is
-    kept at least |bias| / (input step * largest bias integer). Activation
-    ranges must be set first."""
+    kept at least |bias| / (input step * largest bias integer), the bias taking
+    at most a quarter of the accumulator so that products still fit beside it.
+    Activation ranges must be set first."""
     w_spec = qg.profile.weights
-    bias_max = min(-qg.bias_range()[0], qg.bias_range()[1])
+    bias_max = min(-qg.bias_range()[0], qg.bias_range()[1], qg.profile.accumulator.range[1] // 4)
     qmax = w_spec.qmax
     for n in qg.fg.nodes:
         if n.kind not in ("conv", "linear"):
@@ -237,10 +240,11 @@ def set_activation_ranges(qg: QGraph, float_env: dict[str, torch.Tensor], ranges
     for name, src in qg.quant_source.items():
         if name != src:
             continue
-        values = float_env[name].double().flatten()
-        lo, hi = float(values.min()), float(values.max())
+        values = float_env[name].reshape(-1)
+        lo, hi = (float(v) for v in torch.aminmax(values)) if values.numel() else (0.0, 0.0)
         if ranges == "mse" and values.numel():
-            sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+            picks = torch.randint(values.numel(), (200_000,), generator=torch.Generator().manual_seed(0))
+            sample = values[picks].double()
             best = None
             for ratio in np.linspace(0.3, 1.0, 15):
                 qg.set_act_range(name, lo * ratio, hi * ratio)
@@ -287,18 +291,34 @@ def loss_fn(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return F.cross_entropy(student, teacher.argmax(1))
 
 
-@torch.no_grad()
-def evaluate_loss(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> float:
-    """The distillation loss of the exact (evaluation-mode) graph on the first calibration_batches samples.
+def exact_outputs(qg: QGraph, x: torch.Tensor, keep: tuple[str, ...] = (), batch: int = 64):
+    """The evaluation-mode graph's real output (and `keep` tensors by name) for inputs `x`, in float64.
 
-    The exact graph runs in float64, several times slower than training steps: a
-    subset keeps choosing the initialisation cheap on large networks."""
-    qg.eval()
-    data, teacher = data[: cfg.calibration_batches], teacher[: cfg.calibration_batches]
-    total = 0.0
-    for i in range(0, len(data), 256):
-        total += float(loss_fn(cfg.loss, qg(data[i:i + 256]), teacher[i:i + 256])) * len(data[i:i + 256])
-    return total / len(data)
+    Computed by the simulator on the integerized graph: the same values (the
+    consistency contract), several times faster than the graph's own float64
+    evaluation on large networks."""
+    from qftsim.sim import AccumulatorOverflowWarning, simulate
+
+    model = qg.integerize()
+    out_name = model.outputs[0]
+    outs, inner = [], {k: [] for k in keep}
+    for i in range(0, len(x), batch):
+        q = model.inputs[0].quant.quantize(x[i:i + batch].detach().cpu().numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+            result = simulate(model, q, keep_tensors=bool(keep))
+        outs.append(model.quant_of(out_name).dequantize(result.outputs[out_name]))
+        for k in keep:
+            inner[k].append(model.quant_of(k).dequantize(result.tensors[k]))
+    as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts))  # noqa: E731
+    return as_tensor(outs), {k: as_tensor(v) for k, v in inner.items()}
+
+
+def evaluate_loss(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> float:
+    """The distillation loss of the exact (evaluation-mode) graph on the first calibration_batches samples."""
+    n = cfg.calibration_batches
+    out, _ = exact_outputs(qg, data[:n])
+    return float(loss_fn(cfg.loss, out, teacher[:n].cpu()))
 
 
 def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConfig) -> list[float]:
@@ -380,7 +400,7 @@ def layer_report(qg: QGraph, fg: FGraph, x: torch.Tensor) -> list[dict]:
     """Per quantized tensor: SQNR of the exact integer graph vs float, and its scale."""
     qg.eval()
     names = [n.name for n in fg.nodes[1:] if qg.quant_source[n.name] == n.name]
-    _, inner = qg(x, keep=tuple(names))
+    _, inner = exact_outputs(qg, x, keep=tuple(names))
     float_env = fg.run(x.double())
     rows = []
     for n in fg.nodes[1:]:
