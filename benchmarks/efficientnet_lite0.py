@@ -1,0 +1,171 @@
+"""EfficientNet-Lite0 (ImageNet-pretrained) quantized per method, scored by its fidelity to float on real photos.
+
+    python benchmarks/photo_pool.py                       # once: fetch the photos (about 65)
+    python benchmarks/efficientnet_lite0.py               # the full table (tens of minutes on 2 cores)
+    python benchmarks/efficientnet_lite0.py --quick       # fewer crops and one epoch
+    python benchmarks/efficientnet_lite0.py --smoke       # bundled photos only, a few crops (the test)
+
+The photos are split by photo (a third for calibration, the rest for
+evaluation). Calibration: random resized crops and flips of the calibration
+photos. Evaluation: fixed-seed random crops of the evaluation photos at
+224x224. The photos have no labels, so every figure compares with the float
+network: top-1 agreement (all crops, and crops where float's top-1
+probability > 0.5), float's top-1 within the quantized top-5, and the mean
+KL divergence KL(float || quantized) of the softmax outputs. All figures are
+the simulator's; for QFT the eval-mode QGraph and the TVM-compiled model
+run too and must give identical outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_pool import build_pool, default_cache  # noqa: E402
+
+from qftsim.efficientnet import efficientnet_lite0  # noqa: E402
+from qftsim.qft import quantize_graph  # noqa: E402
+from qftsim.qgraph import DOF_GROUPS  # noqa: E402
+from qftsim.sim import simulate  # noqa: E402
+
+SIZE = 224
+BASELINES = ("rtn", "mse", "cle+bias_correction")
+
+
+def split_photos(folder: Path, calibration_share: float = 1 / 3, seed: int = 0):
+    """(calibration, evaluation) lists of RGB arrays, split by photo with a fixed seed."""
+    names = sorted(p.stem for p in folder.glob("*.png") if not p.name.startswith("."))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_cal = max(1, round(len(names) * calibration_share))
+    load = [np.asarray(Image.open(folder / f"{names[i]}.png").convert("RGB")) for i in order]
+    return load[:n_cal], load[n_cal:]
+
+
+def random_crops(photos: list[np.ndarray], count: int, seed: int, flip: bool,
+                 scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """`count` random resized crops (photos taken in turn), as (N, 3, 224, 224) floats in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, SIZE, SIZE, 3), dtype=np.uint8)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        area = h * w * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*np.log(ratio)))
+        ch, cw = min(h, round(np.sqrt(area / aspect))), min(w, round(np.sqrt(area * aspect)))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((SIZE, SIZE), Image.BILINEAR)
+        out[i] = np.asarray(crop)[:, ::-1] if flip and rng.random() < 0.5 else np.asarray(crop)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def batched(fn, x: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(fn(x[i:i + batch])).double() for i in range(0, len(x), batch)])
+
+
+def fidelity(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Agreement of `logits` with the float `reference` logits (both (N, 1000))."""
+    p_ref = reference.double().softmax(1)
+    top1 = reference.argmax(1)
+    agree = logits.argmax(1) == top1
+    confident = p_ref.max(1).values > 0.5
+    in_top5 = (logits.topk(5, 1).indices == top1[:, None]).any(1)
+    kl = (p_ref * (p_ref.clamp_min(1e-30).log() - logits.double().log_softmax(1))).sum(1)
+    return {"top1": float(agree.double().mean()), "top1_confident": float(agree[confident].double().mean()),
+            "in_top5": float(in_top5.double().mean()), "kl": float(kl.mean()), "confident": int(confident.sum())}
+
+
+def integer_outputs(model, x: torch.Tensor, run) -> torch.Tensor:
+    """The model's integer output for real inputs `x`, by `run(model, quantized batch) -> integers`."""
+    quant_in = model.inputs[0].quant
+    return batched(lambda b: run(model, quant_in.quantize(b.numpy())), x)
+
+
+def simulator(model, q: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return simulate(model, q).outputs[model.outputs[0]]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profiles", default="int8-default,npu-a8w4")
+    ap.add_argument("--methods", default=",".join(BASELINES + ("qft",)))
+    ap.add_argument("--ablations", action="store_true", help="also QFT with each DoF group frozen in turn")
+    ap.add_argument("--calibration", type=int, default=1024, help="calibration crops")
+    ap.add_argument("--evaluation", type=int, default=1000, help="evaluation crops")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
+    ap.add_argument("--quick", action="store_true", help="256 calibration / 200 evaluation crops, one epoch")
+    ap.add_argument("--smoke", action="store_true",
+                    help="bundled photos only, 8 calibration / 8 evaluation crops, one epoch, int8-default")
+    ap.add_argument("--photos", type=Path, default=None, help="photo pool folder (default: the cache)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.calibration, args.evaluation, args.epochs = 256, 200, 1
+    if args.smoke:
+        args.calibration, args.evaluation, args.epochs, args.profiles = 8, 8, 1, "int8-default"
+    folder = args.photos or (default_cache().with_name("photos-bundled") if args.smoke else default_cache())
+    build_pool(folder, bundled_only=args.smoke)
+    calibration_photos, evaluation_photos = split_photos(folder)
+    clock = time.perf_counter()
+    calib = random_crops(calibration_photos, args.calibration, seed=1, flip=True)
+    evaluation = random_crops(evaluation_photos, args.evaluation, seed=2, flip=False)
+    net = efficientnet_lite0()
+    teacher_calib = batched(net, calib).float()
+    teacher_eval = batched(net, evaluation)
+    confident = int((teacher_eval.softmax(1).max(1).values > 0.5).sum())
+    print(f"# EfficientNet-Lite0, {platform.machine()} {torch.get_num_threads()} threads; "
+          f"{len(calibration_photos)} calibration photos -> {args.calibration} crops, "
+          f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
+          f"{args.epochs} QFT epochs; float teacher {time.perf_counter() - clock:.0f} s")
+    print(f"{'profile':14s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
+          f"{'seconds':>7s}  check")
+    methods = args.methods.split(",")
+    if args.ablations:
+        methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
+    for profile in args.profiles.split(","):
+        for method in methods:
+            knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration}
+            if method.startswith("qft-freeze-"):
+                knobs["freeze"] = (method[len("qft-freeze-"):],)
+            clock = time.perf_counter()
+            qg, _ = quantize_graph(net, calib, profile, "qft" if method.startswith("qft") else method,
+                                   teacher_outputs=teacher_calib, **knobs)
+            model = qg.integerize()
+            seconds = time.perf_counter() - clock
+            ints = integer_outputs(model, evaluation, simulator)
+            check = exactness_check(qg, model, evaluation, ints, args.no_compile) if method == "qft" else ""
+            f = fidelity(teacher_eval, torch.from_numpy(model.node(model.outputs[0]).quant.dequantize(ints.numpy())))
+            print(f"{profile:14s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
+                  f"{f['kl']:7.4f} {seconds:7.0f}  {check}", flush=True)
+
+
+def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor, skip_compiled: bool) -> str:
+    """The eval-mode QGraph (and the compiled model) on the evaluation crops: integers equal to the simulator's."""
+    eval_mode = batched(lambda b: qg.run_integers(b)[qg.fg.output], evaluation)
+    if not torch.equal(eval_mode, simulated):
+        raise SystemExit("eval-mode QGraph differs from the simulator: the consistency contract is broken")
+    said = "eval-mode == simulator"
+    if skip_compiled:
+        return said
+    import export
+
+    compiled = export.compile_model(model, "host")
+    compiled_ints = integer_outputs(model, evaluation, lambda m, q: compiled.run(q)[m.outputs[0]])
+    if not torch.equal(compiled_ints, simulated):
+        raise SystemExit("the compiled model differs from the simulator")
+    return said + " == compiled"
+
+
+if __name__ == "__main__":
+    main()
