@@ -61,10 +61,28 @@ class FGraph:
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Float outputs of every node (BN folded, activations fused) for a batch."""
+        return {n.name: out for n, _, out in self.stream(x, keep_all=True)}
+
+    def last_uses(self) -> dict[str, int]:
+        """For each tensor that some node reads, the index of the last node reading it."""
+        return {s: i for i, n in enumerate(self.nodes) for s in n.inputs}
+
+    def stream(self, x: torch.Tensor, keep_all: bool = False):
+        """Yield (node, its inputs, its float output) in order, each tensor dropped after its last use.
+
+        Holding every activation of a large network for a calibration batch
+        can take more memory than the machine has; a walk needs only the live ones."""
+        last_use = self.last_uses()
         env = {}
-        for n in self.nodes:
-            env[n.name] = x if n.kind == "input" else float_op(n, [env[s] for s in n.inputs])
-        return env
+        for i, n in enumerate(self.nodes):
+            ins = [env[s] for s in n.inputs]
+            out = x if n.kind == "input" else float_op(n, ins)
+            yield n, ins, out
+            env[n.name] = out
+            if not keep_all:
+                for s in set(n.inputs):
+                    if last_use[s] == i:
+                        del env[s]
 
 
 def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
 METHOD_PARTS = ("rtn", "mse", "cle", "bias_correction")
 LOSSES = ("l2rel", "l2", "kl", "ce")
 REPORT_SAMPLES = 32  # calibration samples behind the per-layer SQNR report
+BIAS_CORRECTION_SAMPLES = 128  # enough for per-channel means; their float64 activations must fit in memory
 
 
 @dataclass
@@ -180,7 +181,7 @@ def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method:
     qg = QGraph(fg, profile)
     sample = data[: cfg.calibration_batches]
     ranges = "mse" if "mse" in parts else "minmax"
-    set_activation_ranges(qg, fg.run(sample), ranges)
+    set_activation_ranges(qg, fg.stream(sample), ranges)
     set_weight_scales(qg, ranges)
     if "bias_correction" in parts:
         correct_biases(qg, fg, sample)
@@ -236,11 +237,13 @@ def set_weight_scales(qg: QGraph, ranges: str) -> None:
 
 
 @torch.no_grad()
-def set_activation_ranges(qg: QGraph, float_env: dict[str, torch.Tensor], ranges: str) -> None:
-    for name, src in qg.quant_source.items():
-        if name != src:
+def set_activation_ranges(qg: QGraph, float_walk, ranges: str) -> None:
+    """Min-max or MSE ranges of every quantized tensor, from a walk (FGraph.stream) of the float graph."""
+    for node, _, out in float_walk:
+        name = node.name
+        if qg.quant_source[name] != name:
             continue
-        values = float_env[name].reshape(-1)
+        values = out.reshape(-1)
         lo, hi = (float(v) for v in torch.aminmax(values)) if values.numel() else (0.0, 0.0)
         if ranges == "mse" and values.numel():
             picks = torch.randint(values.numel(), (200_000,), generator=torch.Generator().manual_seed(0))
@@ -260,12 +263,16 @@ def set_activation_ranges(qg: QGraph, float_env: dict[str, torch.Tensor], ranges
 def correct_biases(qg: QGraph, fg: FGraph, x: torch.Tensor) -> None:
     """Empirical bias correction: per layer in order, move the bias by the mean pre-activation error."""
     qg.eval()
-    float_env = fg.run(x.double())
-    env = {fg.nodes[0].name: qg.quantize_input(x)}
-    for n in fg.nodes[1:]:
+    x = x[:BIAS_CORRECTION_SAMPLES]
+    last_use = fg.last_uses()
+    env = {}
+    for i, (n, float_ins, _) in enumerate(fg.stream(x.double())):
+        if n.kind == "input":
+            env[n.name] = qg.quantize_input(x)
+            continue
         if n.kind in ("conv", "linear"):
             plain = dataclasses.replace(n, act=None)
-            reference = float_op(plain, [float_env[n.inputs[0]]])
+            reference = float_op(plain, float_ins)
             real_in = qg.dequantize(n.inputs[0], env[n.inputs[0]])
             quantized_w = qg.int_weight(n).double() * qg.weight_scale(n).double().view(
                 -1, *([1] * (n.weight.dim() - 1)))
@@ -275,6 +282,9 @@ def correct_biases(qg: QGraph, fg: FGraph, x: torch.Tensor) -> None:
             dims = [0] + list(range(2, approx.dim()))
             qg.bias[_key(n.name)] += (reference - approx).mean(dims).float()
         env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
+        for s in set(n.inputs):
+            if last_use[s] == i:
+                del env[s]
 
 
 # ---------------------------------------------------------------- QFT
