@@ -48,6 +48,37 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _RequantizeSTE(torch.autograd.Function):
+    """Training's requantization in one pass: clamp(round(sat(acc) * factor) + zp, lo, hi).
+
+    sat is the accumulator's saturation (or none: wrap has no useful gradient); rounding passes gradients
+    straight through and both clamps stop them, exactly as the composition of
+    the separate ops would, with a fraction of their memory traffic (it is
+    most of a training step's elementwise work)."""
+
+    @staticmethod
+    def forward(ctx, acc, factor, zero_point, bounds, acc_range):
+        inside = None
+        if acc_range is not None:
+            inside = (acc >= acc_range[0]) & (acc <= acc_range[1])
+            acc = acc.clamp(*acc_range)
+        y = (acc * factor).round_().add_(zero_point)
+        kept = (y >= bounds[0]) & (y <= bounds[1])
+        ctx.save_for_backward(acc, factor, kept, inside)
+        return y.clamp_(*bounds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        acc, factor, kept, inside = ctx.saved_tensors
+        grad = grad.masked_fill(~kept, 0.0)
+        grad_factor = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(grad.dim()) if factor.dim() < grad.dim() or factor.shape[d] == 1]
+            grad_factor = (grad * acc).sum(dims, keepdim=factor.dim() == grad.dim()).view(factor.shape)
+        grad_acc = grad * factor
+        return (grad_acc if inside is None else grad_acc.masked_fill_(~inside, 0.0)), grad_factor, None, None, None
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, torch.round)
 
@@ -262,29 +293,32 @@ class QGraph(nn.Module):
         w_int = self.int_weight(n).to(x.dtype)
         b_int = self.int_bias(n).to(x.dtype)
         zp = self.zero_points[self.quant_source[n.inputs[0]]]
-        centered = x - zp
+        centered = x - zp if zp else x
         if n.kind == "conv":
             pt, pl, pb, pr = n.attrs["padding"]
-            acc = F.conv2d(F.pad(centered, (pl, pr, pt, pb)), w_int, None, n.attrs["stride"], 0,
-                           n.attrs["dilation"], n.attrs["groups"])
-            acc = acc + b_int.view(1, -1, 1, 1)
+            symmetric = pt == pb and pl == pr
+            acc = F.conv2d(centered if symmetric else F.pad(centered, (pl, pr, pt, pb)), w_int, b_int,
+                           n.attrs["stride"], (pt, pl) if symmetric else 0, n.attrs["dilation"], n.attrs["groups"])
         else:
             acc = F.linear(centered, w_int, b_int)
-        acc = self._accumulator(acc)
         factor, m, t = self.multipliers(self.requant_factor(n))
         shape = (1, -1) + (1,) * (acc.dim() - 2)
-        y = self._round(acc, factor.to(acc.dtype).view(shape) if factor.numel() > 1 else factor.to(acc.dtype),
-                        m, t) + self.zero_points[n.name]
-        return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
+        factor = factor.to(acc.dtype).view(shape) if factor.numel() > 1 else factor.to(acc.dtype)
+        bounds = self.clamp_bounds(n.name, n.act)
+        if self.training:
+            spec = self.profile.accumulator
+            acc_range = spec.range if spec.overflow == "saturate" else None
+            return _RequantizeSTE.apply(acc, factor, self.zero_points[n.name], bounds, acc_range)
+        y = self._round(self._accumulator(acc), factor, m, t) + self.zero_points[n.name]
+        return torch.clamp(y, *bounds)
 
     _conv = _matmul
     _linear = _matmul
 
     def _accumulator(self, acc: torch.Tensor) -> torch.Tensor:
+        """The accumulator's overflow semantics in evaluation (training: see _RequantizeSTE)."""
         spec = self.profile.accumulator
         lo, hi = spec.range
-        if self.training:  # wrap has no useful gradient; saturation clips like the hardware
-            return torch.clamp(acc, lo, hi) if spec.overflow == "saturate" else acc
         if spec.overflow == "wrap":
             return arith.wrap(acc, spec.bits)
         if spec.overflow == "saturate":

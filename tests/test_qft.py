@@ -140,6 +140,25 @@ def test_dead_channel_keeps_its_bias(profile):
     assert np.abs(out[:, 1] - 0.5).max() <= node.quant.scale
 
 
+@pytest.mark.parametrize("acc_range", [None, (-300.0, 250.0)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_training_requantize_equals_composed_ops(acc_range, channels):
+    from qftsim.qgraph import _RequantizeSTE, round_ste
+
+    torch.manual_seed(0)
+    acc = torch.randint(-400, 400, (4, 3, 5, 5)).float().requires_grad_()
+    factor = (torch.rand((1, channels, 1, 1) if channels > 1 else (1,)) * 0.2).requires_grad_()
+    bounds = (-20, 30)
+    fused = _RequantizeSTE.apply(acc, factor, 3, bounds, acc_range)
+    grads = torch.autograd.grad((fused * torch.arange(fused.numel()).view(fused.shape)).sum(), (acc, factor))
+    sat = acc.clamp(*acc_range) if acc_range else acc
+    composed = torch.clamp(round_ste(sat * factor) + 3, *bounds)
+    reference = torch.autograd.grad((composed * torch.arange(fused.numel()).view(fused.shape)).sum(), (acc, factor))
+    assert torch.equal(fused, composed)
+    assert torch.equal(grads[0], reference[0])
+    assert torch.allclose(grads[1], reference[1], rtol=1e-5)
+
+
 def test_capture_folds_and_fuses():
     fg = capture(reference_network("mobilenetv2"), torch.zeros(2, 1, 28, 28))
     kinds = [n.kind for n in fg.nodes]
