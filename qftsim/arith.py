@@ -238,17 +238,18 @@ def _requantize_float64(a, m, t, rounding: str):
         # SRDHM rounds u = a*m/2^31 half up to hi; RDBPOT(hi, r) = floor((hi + 2^(r-1) - [hi < 0]) / 2^r)
         # for r = t - 31 >= 1 (hi itself for r = 0). floor((floor(z) + k) / n) = floor((z + k) / n) for
         # integers k, n, so both steps are one floor of (u + 1/2 + 2^(r-1) - [hi < 0]) / 2^r. Where a < 0
-        # but hi = 0 (u in [-1/2, 0)), and at a = 0 with half the correction, the floor is the same, so
-        # [hi < 0] becomes (1 - sign(a)) / 2: no per-element branch.
+        # but hi = 0 (u in [-1/2, 0)) the floor is the same with the correction, so [hi < 0] becomes
+        # [a < 0] = (1 - s) / 2 with s = copysign(1, a * m): m >= 0, and a zero product is -0.0 exactly
+        # when a < 0. One copysign on the product, no per-element branch.
         r = t - 31
         scale = _exp2_neg(r)
         shifts = r > 0
         half_correction = _where(shifts, 0.5 * scale, 0.0 * scale)
         offset = (0.5 + _where(shifts, _exp2_neg(1 - r), 0.0 * scale)) * scale - half_correction
-        a = _to_float64(a)  # once: mixed float32/float64 broadcasting costs a hidden copy per operation
         w = _float64_product(a, _to_float64(m) * 2.0**-31 * scale)
+        signed_correction = xp.copysign(half_correction, w)
         w += offset
-        w += xp.sign(a) * half_correction
+        w += signed_correction
         return xp.floor(w, out=w)
     # m * 2^-t is exact in float64, and so is its product with a (< 2^52 significant bits)
     return _round_float64(_float64_product(a, _to_float64(m) * _exp2_neg(t)), rounding)
