@@ -102,7 +102,11 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     clock = time.perf_counter()
     if method == "qft":
         inits = {}
-        for base in ["mse", "cle+mse"] if equalization_pairs(fg) else ["mse"]:
+        # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without
+        # bias correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit
+        # weights: cle+bias_correction with min-max ranges, far ahead of the MSE-range candidates)
+        bases = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else [])
+        for base in bases:
             inits[base] = initialize(fg, profile, data, base, cfg)
             corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
             correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
