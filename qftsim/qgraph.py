@@ -51,10 +51,11 @@ class _StraightThrough(torch.autograd.Function):
 class _RequantizeSTE(torch.autograd.Function):
     """Training's requantization in one pass: clamp(round(sat(acc) * factor) + zp, lo, hi).
 
-    sat is the accumulator's saturation (or none: wrap has no useful gradient); rounding passes gradients
-    straight through and both clamps stop them, exactly as the composition of
-    the separate ops would, with a fraction of their memory traffic (it is
-    most of a training step's elementwise work)."""
+    sat is the accumulator's saturation (none for wrap, which has no useful
+    gradient). Rounding passes gradients straight through and both clamps
+    stop them, exactly as the composition of the separate ops would, with a
+    fraction of their memory traffic (most of a training step's elementwise
+    work)."""
 
     @staticmethod
     def forward(ctx, acc, factor, zero_point, bounds, acc_range):
