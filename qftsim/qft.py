@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qftsim.capture import FGraph, set_eval_mode, capture, float_op
+from qftsim.capture import FGraph, capture, drop_dead, float_op, set_eval_mode
 from qftsim.errors import QftsimError
 from qftsim.profile import HardwareProfile, load_profile
 from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
@@ -286,9 +286,7 @@ def correct_biases(qg: QGraph, fg: FGraph, x: torch.Tensor) -> None:
             dims = [0] + list(range(2, approx.dim()))
             qg.bias[_key(n.name)] += (reference - approx).mean(dims).float()
         env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
-        for s in set(n.inputs):
-            if last_use[s] == i:
-                del env[s]
+        drop_dead(env, n, i, last_use)
 
 
 # ---------------------------------------------------------------- QFT
