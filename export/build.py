@@ -39,6 +39,15 @@ def resolve_target(name: str):
     raise QftsimError(f"unknown target {name!r}; accepted: {', '.join(TARGETS)}")
 
 
+def has_vnni(target: str) -> bool:
+    """Whether `target` ('host', 'x86-64', 'aarch64') has AVX-512 VNNI (u8 x s8 dot products)."""
+    import tvm
+
+    resolved = resolve_target(target)
+    return "x86_64" in str(resolved.attrs.get("mtriple", "x86_64")) and \
+        bool(tvm.target.codegen.target_has_features("avx512vnni", resolved))
+
+
 def compile_module(mod, target: str):
     """tvm.compile with the convolution schedules (export.schedule) in TVM's CPU pipeline."""
     import tvm
@@ -52,7 +61,7 @@ def compile_module(mod, target: str):
 def _build(model: IntModel, target: str):
     from export.lower import lower
 
-    return compile_module(lower(model), target)
+    return compile_module(lower(model, vnni=has_vnni(target)), target)
 
 
 def compile_model(model: IntModel, target: str = "host") -> "CompiledModel":

@@ -78,26 +78,32 @@ class IntExpr:
 arith.register_expression_type(IntExpr)
 
 
-def lower(model: IntModel) -> tvm.IRModule:
-    """A Relax module whose `main` maps the model's integer inputs (storage dtypes) to its outputs."""
+def lower(model: IntModel, vnni: bool = False) -> tvm.IRModule:
+    """A Relax module whose `main` maps the model's integer inputs (storage dtypes) to its outputs.
+
+    `vnni`: lower eligible convolutions to the packed u8 x s8 layout of
+    `_vnni_conv` (for a target with AVX-512 VNNI; see export.schedule).
+    """
     bb = relax.BlockBuilder()
-    lower_into(bb, model, "main")
+    lower_into(bb, model, "main", vnni)
     return bb.get()
 
 
-def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str) -> None:
+def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str, vnni: bool = False) -> None:
     """Add `model` to `bb` as the function `func_name` (one module may hold many models)."""
     batch = tirx.Var("batch", "int64")  # symbolic: one library serves every batch size
     params = [relax.Var(i.name, relax.TensorType((batch,) + tuple(i.shape), i.quant.dtype.name))
               for i in model.inputs]
     with bb.function(func_name, params):
         with bb.dataflow():
-            env = {i.name: IntExpr(bb, bb.emit(relax.op.astype(p, "int64"))) for i, p in zip(model.inputs, params)}
+            # tensors between nodes keep their storage dtype (int8 mostly): int64 only inside a node
+            env = {i.name: p for i, p in zip(model.inputs, params)}
             for node in model.nodes:
-                env[node.name] = _LOWER[node.op](bb, node, [env[s] for s in node.inputs],
-                                                 [model.quant_of(s) for s in node.inputs], model)
-            outs = [bb.emit(relax.op.astype(env[name].expr, model.quant_of(name).dtype.name))
-                    for name in model.outputs]
+                lower_node = _lower_vnni_conv2d if vnni and _vnni_eligible(node, model) else _LOWER[node.op]
+                xs = [IntExpr(bb, bb.emit(relax.op.astype(env[s], "int64"))) for s in node.inputs]
+                y = lower_node(bb, node, xs, [model.quant_of(s) for s in node.inputs], model)
+                env[node.name] = bb.emit(relax.op.astype(y.expr, node.quant.dtype.name))
+            outs = [env[name] for name in model.outputs]
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(result)
 
@@ -176,6 +182,71 @@ def _lower_conv2d(bb, node, xs, qs, model):
         if mode == "final":
             exact = _apply_overflow(exact, model)
     return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
+
+
+VNNI_LANES, VNNI_DEPTH = 16, 4  # vpdpbusd: 16 int32 sums, each of 4 u8 x s8 products
+
+
+def _vnni_eligible(node: Node, model: IntModel) -> bool:
+    """A dense (groups 1) conv with at most 8-bit inputs, int8 weights and an int32-safe u8 x s8 sum."""
+    if node.op != "conv2d" or node.attrs["groups"] != 1:
+        return False
+    q = model.quant_of(node.inputs[0])
+    w = node.arrays["weight"].astype(np.int64)
+    mode, _ = _accumulator_mode(node, model, q)
+    row_l1 = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+    return (mode != "every_mac" and q.qmax - q.qmin <= 255 and w.min(initial=0) >= -128
+            and w.max(initial=0) <= 127 and int(row_l1.max(initial=0)) * 255 <= INT32_SAFE)
+
+
+def _lower_vnni_conv2d(bb, node, xs, qs, model):
+    """The conv as sum((x - qmin) * w) - (zero_point - qmin) * sum(w), in NCHW4c / OIHW16o4i layouts.
+
+    Inputs become unsigned bytes (x - qmin); padding (spatial, and input
+    channels up to a multiple of 4) holds the zero point's byte, so every
+    padded position adds (zero_point - qmin) * w like a real one, and the
+    per-channel correction removes it exactly (padded channels have w = 0).
+    Output channels are padded to a multiple of 16 and sliced off again.
+    """
+    (x,), (q,) = xs, qs
+    a = node.attrs
+    w = node.arrays["weight"].astype(np.int64)
+    out_channels, in_channels, kh, kw = w.shape
+    pt, pl, pb, pr = a["padding"]
+    in_pad = -in_channels % VNNI_DEPTH
+    out_pad = -out_channels % VNNI_LANES
+    zero_byte = q.zero_point - q.qmin
+    padded = bb.emit(relax.op.nn.pad((x - q.qmin).expr, [0, 0, 0, in_pad, pt, pb, pl, pr], pad_value=float(zero_byte)))
+    packed = bb.emit_te(lambda t: te.compute(
+        (t.shape[0], t.shape[1] // VNNI_DEPTH, t.shape[2], t.shape[3], VNNI_DEPTH),
+        lambda b, c, y, x_, k: t[b, c * VNNI_DEPTH + k, y, x_].astype("uint8"), name="vnni_pack"), padded)
+    wp = np.pad(w, ((0, out_pad), (0, in_pad), (0, 0), (0, 0)))
+    wp = wp.reshape(-1, VNNI_LANES, wp.shape[1] // VNNI_DEPTH, VNNI_DEPTH, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    conv = bb.emit_te(_vnni_conv, packed, _const(wp, "int8"), a["stride"], a["dilation"])
+    nchw = bb.emit_te(lambda t: te.compute(
+        (t.shape[0], out_channels, t.shape[2], t.shape[3]),
+        lambda b, c, y, x_: t[b, c // VNNI_LANES, y, x_, c % VNNI_LANES].astype("int64"), name="vnni_unpack"), conv)
+    bias = node.arrays["bias"].astype(np.int64) - zero_byte * w.reshape(out_channels, -1).sum(axis=1)
+    exact = IntExpr(bb, nchw) + bias.reshape(1, -1, 1, 1)
+    if _accumulator_mode(node, model, q)[0] == "final":
+        exact = _apply_overflow(exact, model)
+    return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
+
+
+def _vnni_conv(data, weight, stride, dilation):
+    """int32 conv of NCHW4c uint8 `data` with OIHW16o4i int8 `weight`, output NCHW16c (block `vnni_conv`)."""
+    n, _, h, w, _ = data.shape
+    ob, ib, kh, kw, lanes, depth = weight.shape
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    rc, ry, rx, rk = (te.reduce_axis((0, int(e)), name=nm) for e, nm in ((ib, "rc"), (kh, "ry"), (kw, "rx"),
+                                                                           (depth, "rk")))
+    return te.compute(
+        (n, ob, ho, wo, lanes),
+        lambda b, o, y, x, i: te.sum(
+            data[b, rc, y * stride[0] + ry * dilation[0], x * stride[1] + rx * dilation[1], rk].astype("int32")
+            * weight[o, rc, ry, rx, i, rk].astype("int32"), axis=[rc, ry, rx, rk]),
+        name="vnni_conv")
 
 
 def _lower_linear(bb, node, xs, qs, model):

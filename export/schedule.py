@@ -1,15 +1,21 @@
-"""Hand schedules for the integer convolutions on CPU (TVM's CPU pipeline leaves them as naive loops).
+"""Hand schedules for CPU (TVM's CPU pipeline leaves every function as naive, serial loops).
 
-Each fused conv function gets: its injective producers and epilogue blocks
-inlined (into the conv, or into the one final epilogue block), the conv's
-output width moved innermost and vectorized, the reduction initialization
-split off, and the (batch, output channel) loops run in parallel; the
-epilogue is computed per output row right after the conv produces it.
+- export.lower's VNNI convolution (`vnni_conv`): a register tile of output
+  columns x 16 channels, one vpdpbusd per input pixel and 4 channels.
+- Other convolutions: injective producers and epilogue blocks inlined (into
+  the conv, or into the one final epilogue block), the output width moved
+  innermost and vectorized, the reduction initialization split off, and the
+  (batch, output channel) loops run in parallel; the epilogue is computed
+  per output row right after the conv produces it. Only int32-accumulating
+  convolutions are scheduled (a scheduled int64 window sum of average
+  pooling gave wrong results in the parity tests).
+- Functions without reductions (requantization, padding, packing): every
+  block inlined into the last, its outer loops parallel, the innermost
+  vectorized.
+
 Functions with a saturating reduction (saturate at every MAC) are never
 touched: their reduction order is the arithmetic. A function the schedule
-cannot handle is left as it was, and only int32-accumulating convolutions
-are scheduled (a scheduled int64 window sum of average pooling gave wrong
-results in the parity tests).
+cannot handle is left as it was.
 """
 
 from __future__ import annotations
@@ -28,10 +34,14 @@ def schedule_convolutions(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             continue
         names = _block_names(func)
         convs = [n for n in names if n in CONV_BLOCKS]
-        if len(convs) == 1 and not any(n.startswith("saturating") for n in names):
+        if names == ["vnni_conv"]:
+            scheduled = _schedule_vnni(func)
+        elif len(convs) == 1 and not any(n.startswith("saturating") for n in names):
             scheduled = _schedule(func, convs[0])
-            if scheduled is not None:
-                updates[gvar] = scheduled
+        else:
+            scheduled = _schedule_elementwise(func)
+        if scheduled is not None:
+            updates[gvar] = scheduled
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod
@@ -75,6 +85,88 @@ def _schedule(func, conv_name: str):
         return sch.mod["main"]
     except Exception:  # noqa: BLE001 - a schedule that does not apply leaves the function as it was
         return None
+
+
+def _schedule_elementwise(func):
+    """A function without reductions: producers inlined into the last block, its outer loops parallel."""
+    sch = tvm.s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - no root block: leave the function as it was
+        return None
+    if any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in blocks for iv in sch.get(b).iter_vars):
+        return None
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - a block that cannot be inlined stays as it is
+            pass
+    loops = sch.get_loops(blocks[-1])
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    if loops:
+        _vectorize_constant(sch, loops[-1])
+    return sch.mod["main"]
+
+
+VNNI_TILE = 16  # output columns kept in registers (16 x 16 int32 sums)
+
+
+def _schedule_vnni(func):
+    """export.lower's NCHW4c x OIHW16o4i conv: one vpdpbusd per (input pixel, 4 channels, 16 outputs).
+
+    A register tile of up to VNNI_TILE output columns x 16 output channels
+    accumulates over (input channel blocks, kernel rows, kernel columns);
+    (batch, output channel block, output row) run in parallel.
+    """
+    sch = tvm.s_tir.Schedule(func)
+    conv = sch.get_sblock("vnni_conv")
+    b, o, y, x, i, rc, ry, rx, rk = sch.get_loops(conv)
+    width = int(sch.get(x).extent)
+    tile = max(d for d in range(1, min(width, VNNI_TILE) + 1) if width % d == 0)
+    xo, xi = sch.split(x, [None, tile])
+    sch.reorder(b, o, y, xo, rc, ry, rx, xi, i, rk)
+    sch.parallel(sch.fuse(b, o, y))
+    write_back = sch.cache_write(conv, 0, "global")
+    sch.reverse_compute_at(write_back, xo)
+    sch.vectorize(sch.get_loops(write_back)[-1])
+    init = sch.decompose_reduction(conv, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(i, _vnni_intrinsic())
+    sch.unroll(xi)
+    return sch.mod["main"]
+
+
+def _vnni_intrinsic() -> str:
+    """C[16] += sum_k A[k] * B[:, k] (u8 x s8 -> s32, k < 4) as one vpdpbusd, registered once.
+
+    TVM's own `dot_16x4_vnni` (same description) passes <16 x i32> operands,
+    which LLVM 21 and later reject (the intrinsic now takes <64 x i8>): this
+    implementation follows the LLVM that TVM was built with.
+    """
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc as description
+    from tvm.script import tirx as T
+
+    name = "qftsim_vnni_dot_16x4"
+    if tvm.s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    operand = "int8x64" if tvm.target.codegen.llvm_version_major() >= 21 else "int32x16"
+    a_type = T.Buffer((4,), "uint8", offset_factor=1)
+    b_type = T.Buffer((16, 4), "int8", offset_factor=1)
+    c_type = T.Buffer((16,), "int32", offset_factor=1)
+
+    @T.prim_func(s_tir=True)
+    def implementation(A: a_type, B: b_type, C: c_type) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype=operand),
+                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=operand), dtype="int32x16")
+
+    tvm.s_tir.TensorIntrin.register(name, description, implementation)
+    return name
 
 
 def _vectorize_constant(sch, loop) -> None:
