@@ -78,6 +78,20 @@ class IntExpr:
 arith.register_expression_type(IntExpr)
 
 
+class StoredTensor(IntExpr):
+    """A tensor in its storage dtype (`storage`); its int64 cast is emitted on first use of `expr`,
+    so a lowering that reads the stored bytes itself adds no int64 tensor."""
+
+    def __init__(self, bb: relax.BlockBuilder, storage: relax.Expr):
+        self.bb, self.storage, self.dtype, self._expr = bb, storage, "int64", None
+
+    @property
+    def expr(self) -> relax.Expr:
+        if self._expr is None:
+            self._expr = self.bb.emit(relax.op.astype(self.storage, "int64"))
+        return self._expr
+
+
 def lower(model: IntModel, vnni: bool = False) -> tvm.IRModule:
     """A Relax module whose `main` maps the model's integer inputs (storage dtypes) to its outputs.
 
@@ -100,7 +114,7 @@ def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str, vnni: bo
             env = {i.name: p for i, p in zip(model.inputs, params)}
             for node in model.nodes:
                 lower_node = _lower_vnni_conv2d if vnni and _vnni_eligible(node, model) else _LOWER[node.op]
-                xs = [IntExpr(bb, bb.emit(relax.op.astype(env[s], "int64"))) for s in node.inputs]
+                xs = [StoredTensor(bb, env[s]) for s in node.inputs]
                 y = lower_node(bb, node, xs, [model.quant_of(s) for s in node.inputs], model)
                 env[node.name] = bb.emit(relax.op.astype(y.expr, node.quant.dtype.name))
             outs = [env[name] for name in model.outputs]
@@ -167,16 +181,18 @@ def _lower_conv2d(bb, node, xs, qs, model):
     pt, pl, pb, pr = a["padding"]
     mode, sum_dtype = _accumulator_mode(node, model, q)
     centered = x - q.zero_point
-    padded = bb.emit(relax.op.nn.pad(centered.expr, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=0.0))
     bias = node.arrays["bias"].astype(np.int64)
     if mode == "every_mac":
+        padded = bb.emit(relax.op.nn.pad(centered.expr, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=0.0))
         exact = IntExpr(bb, bb.emit_te(
             _saturating_conv, padded, _const(w), _const(bias), a["stride"], a["dilation"], a["groups"],
             model.profile.accumulator.range))
     else:
+        # the conv pads itself (zeros of the centered input), inside its own function: the producer's
+        # epilogue then covers exactly its conv's output and is computed row by row (export.schedule)
         operand = _operand_dtype(q, w, sum_dtype)
-        inp = bb.emit(relax.op.astype(padded, operand))
-        conv = bb.emit(relax.op.nn.conv2d(inp, _const(w, operand), strides=a["stride"], padding=0,
+        inp = bb.emit(relax.op.astype(centered.expr, operand))
+        conv = bb.emit(relax.op.nn.conv2d(inp, _const(w, operand), strides=a["stride"], padding=(pt, pl, pb, pr),
                                           dilation=a["dilation"], groups=a["groups"], out_dtype=sum_dtype))
         exact = _emit_int(bb, relax.op.astype(conv, "int64")) + bias.reshape(1, -1, 1, 1)
         if mode == "final":
@@ -184,7 +200,8 @@ def _lower_conv2d(bb, node, xs, qs, model):
     return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
 
 
-VNNI_LANES, VNNI_DEPTH = 16, 4  # vpdpbusd: 16 int32 sums, each of 4 u8 x s8 products
+VNNI_LANES, VNNI_DEPTH = 16, 4
+OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable  # vpdpbusd: 16 int32 sums, each of 4 u8 x s8 products
 
 
 def _vnni_eligible(node: Node, model: IntModel) -> bool:
@@ -216,16 +233,14 @@ def _lower_vnni_conv2d(bb, node, xs, qs, model):
     in_pad = -in_channels % VNNI_DEPTH
     out_pad = -out_channels % VNNI_LANES
     zero_byte = q.zero_point - q.qmin
-    padded = bb.emit(relax.op.nn.pad((x - q.qmin).expr, [0, 0, 0, in_pad, pt, pb, pl, pr], pad_value=float(zero_byte)))
-    packed = bb.emit_te(lambda t: te.compute(
-        (t.shape[0], t.shape[1] // VNNI_DEPTH, t.shape[2], t.shape[3], VNNI_DEPTH),
-        lambda b, c, y, x_, k: t[b, c * VNNI_DEPTH + k, y, x_].astype("uint8"), name="vnni_pack"), padded)
+    packed = bb.emit_te(_vnni_pack, x.storage, q.qmin, zero_byte, (pt, pl, pb, pr))
     wp = np.pad(w, ((0, out_pad), (0, in_pad), (0, 0), (0, 0)))
     wp = wp.reshape(-1, VNNI_LANES, wp.shape[1] // VNNI_DEPTH, VNNI_DEPTH, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    conv = bb.emit_te(_vnni_conv, packed, _const(wp, "int8"), a["stride"], a["dilation"])
-    nchw = bb.emit_te(lambda t: te.compute(
-        (t.shape[0], out_channels, t.shape[2], t.shape[3]),
-        lambda b, c, y, x_: t[b, c // VNNI_LANES, y, x_, c % VNNI_LANES].astype("int64"), name="vnni_unpack"), conv)
+    nchw = bb.emit_te(_vnni_conv, packed, _const(wp, "int8"), a["stride"], a["dilation"], out_channels)
+    # like a legalized conv2d, the requantization epilogue may fuse into it (export.schedule computes
+    # it per register tile); a two-block function would otherwise be opaque to operator fusion
+    gvar = bb.lookup_binding(nchw).args[0]
+    bb.update_func(gvar, bb.get()[gvar].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
     bias = node.arrays["bias"].astype(np.int64) - zero_byte * w.reshape(out_channels, -1).sum(axis=1)
     exact = IntExpr(bb, nchw) + bias.reshape(1, -1, 1, 1)
     if _accumulator_mode(node, model, q)[0] == "final":
@@ -233,20 +248,38 @@ def _lower_vnni_conv2d(bb, node, xs, qs, model):
     return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
 
 
-def _vnni_conv(data, weight, stride, dilation):
-    """int32 conv of NCHW4c uint8 `data` with OIHW16o4i int8 `weight`, output NCHW16c (block `vnni_conv`)."""
+def _vnni_pack(x, qmin: int, zero_byte: int, padding):
+    """NCHW storage-dtype `x` as NCHW4c bytes x - qmin; padding and channels beyond x's hold `zero_byte`."""
+    n, c, h, w = x.shape
+    pt, pl, pb, pr = padding
+
+    def byte(b, cb, y, x_, k):
+        ch, yy, xx = cb * VNNI_DEPTH + k, y - pt, x_ - pl
+        inside = tirx.all(ch < c, yy >= 0, yy < h, xx >= 0, xx < w)
+        value = x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        return tirx.if_then_else(inside, value.astype("int32") - qmin, zero_byte).astype("uint8")
+
+    return te.compute((n, (c + VNNI_DEPTH - 1) // VNNI_DEPTH, h + pt + pb, w + pl + pr, VNNI_DEPTH), byte,
+                      name="vnni_pack")
+
+
+def _vnni_conv(data, weight, stride, dilation, out_channels):
+    """Conv of NCHW4c uint8 `data` with OIHW16o4i int8 `weight`: int32 sums in NCHW16c (block
+    `vnni_conv`), returned as int64 NCHW with the first `out_channels` channels (block `vnni_unpack`)."""
     n, _, h, w, _ = data.shape
     ob, ib, kh, kw, lanes, depth = weight.shape
     ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     rc, ry, rx, rk = (te.reduce_axis((0, int(e)), name=nm) for e, nm in ((ib, "rc"), (kh, "ry"), (kw, "rx"),
                                                                            (depth, "rk")))
-    return te.compute(
+    packed = te.compute(
         (n, ob, ho, wo, lanes),
         lambda b, o, y, x, i: te.sum(
             data[b, rc, y * stride[0] + ry * dilation[0], x * stride[1] + rx * dilation[1], rk].astype("int32")
             * weight[o, rc, ry, rx, i, rk].astype("int32"), axis=[rc, ry, rx, rk]),
         name="vnni_conv")
+    return te.compute((n, out_channels, ho, wo),
+                      lambda b, c, y, x: packed[b, c // lanes, y, x, c % lanes].astype("int64"), name="vnni_unpack")
 
 
 def _lower_linear(bb, node, xs, qs, model):
@@ -348,6 +381,8 @@ def _lower_avgpool2d(bb, node, xs, qs, model):
     ones = np.ones((channels, 1, kh, kw), np.int64)
 
     def window_sum(t):
+        if (kh, kw) == (h + pt + pb, w + pl + pr):  # global pooling: a plain sum (padding adds zeros)
+            return bb.emit(relax.op.sum(t, axis=[2, 3], keepdims=True))
         padded = bb.emit(relax.op.nn.pad(t, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=0.0))
         return bb.emit(relax.op.nn.conv2d(padded, _const(ones), strides=a["stride"], groups=channels,
                                           out_dtype="int64"))

@@ -34,12 +34,14 @@ def schedule_convolutions(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             continue
         names = _block_names(func)
         convs = [n for n in names if n in CONV_BLOCKS]
-        if names == ["vnni_conv"]:
+        if names[:1] == ["vnni_conv"]:
             scheduled = _schedule_vnni(func)
         elif len(convs) == 1 and not any(n.startswith("saturating") for n in names):
             scheduled = _schedule(func, convs[0])
-        else:
+        elif not any(n.startswith("saturating") for n in names):
             scheduled = _schedule_elementwise(func)
+        else:
+            scheduled = None
         if scheduled is not None:
             updates[gvar] = scheduled
     for gvar, func in updates.items():
@@ -62,7 +64,10 @@ def _schedule(func, conv_name: str):
         if str(sch.get(conv).writes[0].source.dtype) != "int32":
             return None  # only the int8/int16 -> int32 kernels (average pooling's int64 sums stay plain)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        for block in blocks:
+        # a grouped conv pads its own input channels per (batch, channel) task, in cache; other
+        # producers (and a dense conv's padding) are inlined
+        plane_pad = conv_name == "group_conv2d_nchw" and sch.get(blocks[0]).name_hint == "pad_temp"
+        for block in blocks[int(plane_pad):]:
             if sch.get(block).name_hint != conv_name and sch.get(block) is not sch.get(blocks[-1]):
                 try:
                     sch.compute_inline(block)
@@ -72,41 +77,65 @@ def _schedule(func, conv_name: str):
         n, oc, oh, ow, rc, ry, rx = sch.get_loops(conv)
         conv_extents = [str(sch.get(loop).extent) for loop in (n, oc, oh, ow)]
         epilogue_extents = [str(sch.get(loop).extent) for loop in sch.get_loops(epilogue)]
-        sch.reorder(n, oc, oh, rc, ry, rx, ow)
+        # a grouped conv accumulates its whole output plane (few input channels per group), a dense
+        # one row by row
+        sch.reorder(n, oc, rc, ry, rx, oh, ow) if plane_pad else sch.reorder(n, oc, oh, rc, ry, rx, ow)
         # parallel and vectorize while the block is still a reduction: decompose_reduction copies both
-        sch.parallel(sch.fuse(n, oc))
+        task = sch.fuse(n, oc)
+        sch.parallel(task)
         _vectorize_constant(sch, ow)
+        if plane_pad:
+            sch.compute_at(blocks[0], task)
+            _vectorize_constant(sch, sch.get_loops(blocks[0])[-1])
         sch.decompose_reduction(conv, rc)
         # per-row epilogue only when it covers exactly the conv's output (a fused pad of the
         # next op covers more: moved under the conv it would leave its border unwritten)
-        if sch.get(epilogue).name_hint != conv_name and epilogue_extents == conv_extents:
-            sch.reverse_compute_at(epilogue, oh)
+        if sch.get(epilogue).name_hint == conv_name:
+            pass
+        elif epilogue_extents == conv_extents:
+            sch.reverse_compute_at(epilogue, task if plane_pad else oh)
             _vectorize_constant(sch, sch.get_loops(epilogue)[-1])
+        else:
+            _parallel_and_vectorize(sch, sch.get_loops(epilogue))
         return sch.mod["main"]
     except Exception:  # noqa: BLE001 - a schedule that does not apply leaves the function as it was
         return None
 
 
 def _schedule_elementwise(func):
-    """A function without reductions: producers inlined into the last block, its outer loops parallel."""
+    """Producers inlined into the last block and its spatial loops parallel (the innermost vectorized
+    where the last block is elementwise; it may also be a plain reduction such as a global sum)."""
     sch = tvm.s_tir.Schedule(func)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
     except Exception:  # noqa: BLE001 - no root block: leave the function as it was
         return None
-    if any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in blocks for iv in sch.get(b).iter_vars):
-        return None
+    spatial = [sum(iv.iter_type == tvm.tirx.IterVar.DataPar for iv in sch.get(b).iter_vars) for b in blocks]
+    if any(n != len(sch.get(b).iter_vars) for b, n in zip(blocks[:-1], spatial)):
+        return None  # a reduction before the last block
     for block in blocks[:-1]:
         try:
             sch.compute_inline(block)
         except Exception:  # noqa: BLE001 - a block that cannot be inlined stays as it is
             pass
     loops = sch.get_loops(blocks[-1])
+    if len(loops) != len(sch.get(blocks[-1]).iter_vars):
+        return None
+    if spatial[-1] < len(loops):  # a reduction: its spatial loops (first in TE's order) in parallel
+        if spatial[-1]:
+            sch.parallel(sch.fuse(*loops[:spatial[-1]]))
+        return sch.mod["main"]
+    _parallel_and_vectorize(sch, loops)
+    return sch.mod["main"]
+
+
+def _parallel_and_vectorize(sch, loops) -> None:
+    """The outer loops fused and parallel, the next-to-innermost serial (no index division per
+    element), the innermost vectorized where its extent is constant."""
     if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
+        sch.parallel(sch.fuse(*loops[:max(1, len(loops) - 2)]))
     if loops:
         _vectorize_constant(sch, loops[-1])
-    return sch.mod["main"]
 
 
 VNNI_TILE = 16  # output columns kept in registers (16 x 16 int32 sums)
@@ -117,19 +146,30 @@ def _schedule_vnni(func):
 
     A register tile of up to VNNI_TILE output columns x 16 output channels
     accumulates over (input channel blocks, kernel rows, kernel columns);
-    (batch, output channel block, output row) run in parallel.
+    (batch, output channel block, output row) run in parallel. The unpacking
+    to NCHW and the fused epilogue are inlined into one block computed per
+    tile, where it covers exactly the conv's output.
     """
     sch = tvm.s_tir.Schedule(func)
     conv = sch.get_sblock("vnni_conv")
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in blocks[1:-1]:
+        sch.compute_inline(block)
+    epilogue = blocks[-1]
+    epilogue_loops = sch.get_loops(epilogue)
     b, o, y, x, i, rc, ry, rx, rk = sch.get_loops(conv)
+    per_tile = [str(sch.get(loop).extent) for loop in epilogue_loops[2:]] == [str(sch.get(y).extent),
+                                                                              str(sch.get(x).extent)]
     width = int(sch.get(x).extent)
     tile = max(d for d in range(1, min(width, VNNI_TILE) + 1) if width % d == 0)
     xo, xi = sch.split(x, [None, tile])
     sch.reorder(b, o, y, xo, rc, ry, rx, xi, i, rk)
     sch.parallel(sch.fuse(b, o, y))
-    write_back = sch.cache_write(conv, 0, "global")
-    sch.reverse_compute_at(write_back, xo)
-    sch.vectorize(sch.get_loops(write_back)[-1])
+    if per_tile:
+        sch.reverse_compute_at(epilogue, xo)
+        _vectorize_constant(sch, sch.get_loops(epilogue)[-1])
+    else:
+        _parallel_and_vectorize(sch, epilogue_loops)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(i, _vnni_intrinsic())
