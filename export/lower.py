@@ -200,8 +200,8 @@ def _lower_conv2d(bb, node, xs, qs, model):
     return _matmul_epilogue(node, exact, model, (1, -1, 1, 1))
 
 
-VNNI_LANES, VNNI_DEPTH = 16, 4
-OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable  # vpdpbusd: 16 int32 sums, each of 4 u8 x s8 products
+VNNI_LANES, VNNI_DEPTH = 16, 4  # vpdpbusd: 16 int32 sums, each of 4 u8 x s8 products
+OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable
 
 
 def _vnni_eligible(node: Node, model: IntModel) -> bool:

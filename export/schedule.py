@@ -1,17 +1,19 @@
 """Hand schedules for CPU (TVM's CPU pipeline leaves every function as naive, serial loops).
 
 - export.lower's VNNI convolution (`vnni_conv`): a register tile of output
-  columns x 16 channels, one vpdpbusd per input pixel and 4 channels.
+  columns x 16 channels, one vpdpbusd per input pixel and 4 channels; the
+  fused requantization epilogue runs per tile.
 - Other convolutions: injective producers and epilogue blocks inlined (into
   the conv, or into the one final epilogue block), the output width moved
   innermost and vectorized, the reduction initialization split off, and the
   (batch, output channel) loops run in parallel; the epilogue is computed
-  per output row right after the conv produces it. Only int32-accumulating
+  right after the conv produces a row (a grouped conv: a whole plane, from
+  its own padded copy of the input plane). Only int32-accumulating
   convolutions are scheduled (a scheduled int64 window sum of average
   pooling gave wrong results in the parity tests).
-- Functions without reductions (requantization, padding, packing): every
+- Other functions (requantization, packing, global pooling sums): every
   block inlined into the last, its outer loops parallel, the innermost
-  vectorized.
+  vectorized where it is not a reduction.
 
 Functions with a saturating reduction (saturate at every MAC) are never
 touched: their reduction order is the arithmetic. A function the schedule
