@@ -8,6 +8,7 @@ compiled outputs are checked equal to the simulator's on the timed batch.
 """
 
 import argparse
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -32,8 +33,7 @@ def main():
     x_train, _, x_test, _ = load_mnist()
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"TVM target {args.target}, profile {args.profile}; milliseconds, best of {args.repeats}")
-    print(f"{'network':12s} {'batch':>5s} {'torch fp32':>10s} {'compiled':>9s} {'simulator':>9s} "
-          f"{'compiled/torch':>14s} {'sim/torch':>9s}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for network in ("resnet", "mobilenetv2"):
             net = reference_network(network)
@@ -42,15 +42,27 @@ def main():
             compiled = export.load(Path(tmp) / f"{network}.so")
             for batch in (1, 64):
                 real = x_test[:batch]
-                x = model.inputs[0].quant.quantize(real.numpy())
-                with torch.no_grad():
-                    t_torch = best_of(lambda: net(real), args.repeats)
-                t_compiled = best_of(lambda: compiled.run(x), args.repeats)
-                t_sim = best_of(lambda: simulate(model, x), args.repeats)
-                if not all(np.array_equal(compiled.run(x)[k], v) for k, v in simulate(model, x).outputs.items()):
-                    raise SystemExit(f"{network} batch {batch}: compiled output differs from the simulator's")
-                print(f"{network:12s} {batch:5d} {t_torch * 1e3:10.2f} {t_compiled * 1e3:9.2f} {t_sim * 1e3:9.2f} "
-                      f"{t_compiled / t_torch:14.2f} {t_sim / t_torch:9.2f}", flush=True)
+                rows.append((network, batch, net, real, model, compiled))
+        # torch and the simulator first: TVM's idle worker threads spin for a while after each
+        # run and would slow whatever runs next on the same two cores
+        times = {}
+        for network, batch, net, real, model, _ in rows:
+            x = model.inputs[0].quant.quantize(real.numpy())
+            with torch.no_grad():
+                times[network, batch, "torch"] = best_of(lambda: net(real), args.repeats)
+            times[network, batch, "sim"] = best_of(lambda: simulate(model, x), args.repeats)
+        for network, batch, _, real, model, compiled in rows:
+            x = model.inputs[0].quant.quantize(real.numpy())
+            times[network, batch, "compiled"] = best_of(lambda: compiled.run(x), args.repeats)
+            if not all(np.array_equal(compiled.run(x)[k], v) for k, v in simulate(model, x).outputs.items()):
+                raise SystemExit(f"{network} batch {batch}: compiled output differs from the simulator's")
+    print(f"# TVM threads: {os.environ.get('TVM_NUM_THREADS', 'TVM default')}")
+    print(f"{'network':12s} {'batch':>5s} {'torch fp32':>10s} {'compiled':>9s} {'simulator':>9s} "
+          f"{'compiled/torch':>14s} {'sim/torch':>9s}")
+    for network, batch, *_ in rows:
+        t_torch, t_compiled, t_sim = (times[network, batch, k] for k in ("torch", "compiled", "sim"))
+        print(f"{network:12s} {batch:5d} {t_torch * 1e3:10.2f} {t_compiled * 1e3:9.2f} {t_sim * 1e3:9.2f} "
+              f"{t_compiled / t_torch:14.2f} {t_sim / t_torch:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,19 @@ def _sidecar(model: IntModel, target: str, library_sha256: str | None) -> dict:
 
 
 def _vm(module):
+    """A Relax VM on the CPU whose parallel loops use every core this process may run on.
+
+    TVM sizes its thread pool by the cores it counts as "big"; on this
+    project's 2-core VM that is one, so compiled models ran single-threaded
+    next to a two-threaded torch. TVM_NUM_THREADS, read when the pool is
+    first used, still wins where the user set it.
+    """
+    import os
+
     import tvm
     from tvm.runtime import vm
 
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     return vm.VirtualMachine(module, tvm.cpu())
 
 
