@@ -254,7 +254,9 @@ class _Simulator:
         m = torch.from_numpy(node.arrays["multiplier"].astype(np.int64)).view(channel_shape)
         t = torch.from_numpy(node.arrays["shift"].astype(np.int64)).view(channel_shape)
         peak = max(-acc_min, acc_max) if outside is None else None
-        y = arith.requantize(acc, m, t, self.rounding, acc_peak=peak).add_(node.quant.zero_point)
+        # float32 from here on (half the bytes): conversion and the zero point's addition are exact
+        # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
+        y = arith.requantize(acc, m, t, self.rounding, acc_peak=peak).to(torch.float32).add_(node.quant.zero_point)
         return self._apply_clamp(node, y, rep)
 
     def _saturate_every_mac(self, centered, weight, bias, exact, matmul, int64_matmul, terms, q_in):
