@@ -35,15 +35,15 @@ def schedule_convolutions(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         names = _block_names(func)
+        if any(n.startswith("saturating") for n in names):
+            continue
         convs = [n for n in names if n in CONV_BLOCKS]
         if names[:1] == ["vnni_conv"]:
             scheduled = _schedule_vnni(func)
-        elif len(convs) == 1 and not any(n.startswith("saturating") for n in names):
+        elif len(convs) == 1:
             scheduled = _schedule(func, convs[0])
-        elif not any(n.startswith("saturating") for n in names):
-            scheduled = _schedule_elementwise(func)
         else:
-            scheduled = None
+            scheduled = _schedule_elementwise(func)
         if scheduled is not None:
             updates[gvar] = scheduled
     for gvar, func in updates.items():
