@@ -139,8 +139,8 @@ def main(argv=None):
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()
-            qg, _ = quantize_graph(net, calib, profile, "qft" if method.startswith("qft") else method,
-                                   teacher_outputs=teacher_calib, **knobs)
+            qg, report = quantize_graph(net, calib, profile, "qft" if method.startswith("qft") else method,
+                                        teacher_outputs=teacher_calib, **knobs)
             model = qg.integerize()
             seconds = time.perf_counter() - clock
             ints = integer_outputs(model, evaluation, simulator)
@@ -148,6 +148,9 @@ def main(argv=None):
             f = fidelity(teacher_eval, torch.from_numpy(model.node(model.outputs[0]).quant.dequantize(ints.numpy())))
             print(f"{profile:14s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
                   f"{f['kl']:7.4f} {seconds:7.0f}  {check}", flush=True)
+            if "chosen_init" in report:
+                print(f"#   {method} started from {report['chosen_init']} (calibration losses: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in report["init_losses"].items()) + ")", flush=True)
 
 
 def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor, skip_compiled: bool) -> str:
