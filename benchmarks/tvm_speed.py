@@ -42,19 +42,19 @@ def main():
             compiled = export.load(Path(tmp) / f"{network}.so")
             for batch in (1, 64):
                 real = x_test[:batch]
-                rows.append((network, batch, net, real, model, compiled))
+                rows.append((network, batch, net, real, model.inputs[0].quant.quantize(real.numpy()), model,
+                             compiled))
         # torch and the simulator first: TVM's idle worker threads spin for a while after each
         # run and would slow whatever runs next on the same two cores
-        times = {}
-        for network, batch, net, real, model, _ in rows:
-            x = model.inputs[0].quant.quantize(real.numpy())
+        times, expected = {}, {}
+        for network, batch, net, real, x, model, _ in rows:
             with torch.no_grad():
                 times[network, batch, "torch"] = best_of(lambda: net(real), args.repeats)
             times[network, batch, "sim"] = best_of(lambda: simulate(model, x), args.repeats)
-        for network, batch, _, real, model, compiled in rows:
-            x = model.inputs[0].quant.quantize(real.numpy())
+            expected[network, batch] = simulate(model, x).outputs
+        for network, batch, _, _, x, _, compiled in rows:
             times[network, batch, "compiled"] = best_of(lambda: compiled.run(x), args.repeats)
-            if not all(np.array_equal(compiled.run(x)[k], v) for k, v in simulate(model, x).outputs.items()):
+            if not all(np.array_equal(compiled.run(x)[k], v) for k, v in expected[network, batch].items()):
                 raise SystemExit(f"{network} batch {batch}: compiled output differs from the simulator's")
     print(f"# TVM threads: {os.environ.get('TVM_NUM_THREADS', 'TVM default')}")
     print(f"{'network':12s} {'batch':>5s} {'torch fp32':>10s} {'compiled':>9s} {'simulator':>9s} "

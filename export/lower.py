@@ -142,12 +142,16 @@ def _matmul_epilogue(node: Node, exact: IntExpr, model: IntModel, channel_shape)
     return y.clip(*node.attrs["clamp"])
 
 
+def _row_l1(w: np.ndarray) -> np.ndarray:
+    """sum |w| per output channel: the bound on |sum of products| per unit of input magnitude."""
+    return np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+
+
 def _accumulator_mode(node: Node, model: IntModel, q_in: TensorQuant):
     """What the accumulator needs: 'exact' (no overflow possible), 'final' or 'every_mac'; and the sum dtype."""
     w = node.arrays["weight"].astype(np.int64)
     bias = np.abs(node.arrays["bias"].astype(np.int64))
-    row_l1 = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
-    worst = int((row_l1 * _centered_peak(q_in) + bias).max())
+    worst = int((_row_l1(w) * _centered_peak(q_in) + bias).max())
     if worst <= model.profile.accumulator.range[1]:
         mode = "exact"
     elif model.profile.accumulator.saturate_at == "every_mac":
@@ -211,9 +215,8 @@ def _vnni_eligible(node: Node, model: IntModel) -> bool:
     q = model.quant_of(node.inputs[0])
     w = node.arrays["weight"].astype(np.int64)
     mode, _ = _accumulator_mode(node, model, q)
-    row_l1 = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
     return (mode != "every_mac" and q.qmax - q.qmin <= 255 and w.min(initial=0) >= -128
-            and w.max(initial=0) <= 127 and int(row_l1.max(initial=0)) * 255 <= INT32_SAFE)
+            and w.max(initial=0) <= 127 and int(_row_l1(w).max(initial=0)) * 255 <= INT32_SAFE)
 
 
 def _lower_vnni_conv2d(bb, node, xs, qs, model):
