@@ -286,6 +286,13 @@ def _round_float64(w, rounding: str):
     raise ValueError(f"rounding {rounding!r} is not a shift rounding mode")
 
 
+def round_real_(x, rounding: str):
+    """Real values (float32 or float64) rounded in place by the tie rule of `rounding`: training's view of
+    a requantization, which must break ties as the hardware does (with power-of-two scales most
+    products are ties). gemmlowp_double rounds its final shift half away from zero."""
+    return _round_float64(x, "half_away" if rounding == "gemmlowp_double" else rounding)
+
+
 def quantize_multiplier(real: float, multiplier_bits: int, shift_range: tuple[int, int] | None = None):
     """Integer (m, t) with real ~= m * 2^-t and m a `multiplier_bits`-bit fraction (QuantizeMultiplier).
 

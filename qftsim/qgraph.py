@@ -51,6 +51,8 @@ class _StraightThrough(torch.autograd.Function):
 class _RequantizeSTE(torch.autograd.Function):
     """Training's requantization in one pass: clamp(round(sat(acc) * factor) + zp, lo, hi).
 
+    round breaks ties by the profile's rounding rule, as the hardware does.
+
     sat is the accumulator's saturation (none for wrap, which has no useful
     gradient). Rounding passes gradients straight through and both clamps
     stop them, exactly as the composition of the separate ops would, with a
@@ -58,12 +60,12 @@ class _RequantizeSTE(torch.autograd.Function):
     work)."""
 
     @staticmethod
-    def forward(ctx, acc, factor, zero_point, bounds, acc_range):
+    def forward(ctx, acc, factor, zero_point, bounds, acc_range, rounding):
         inside = None
         if acc_range is not None:
             inside = (acc >= acc_range[0]) & (acc <= acc_range[1])
             acc = acc.clamp(*acc_range)
-        y = (acc * factor).round_().add_(zero_point)
+        y = arith.round_real_(acc * factor, rounding).add_(zero_point)
         kept = (y >= bounds[0]) & (y <= bounds[1])
         ctx.save_for_backward(acc, factor, kept, inside)
         return y.clamp_(*bounds)
@@ -77,11 +79,16 @@ class _RequantizeSTE(torch.autograd.Function):
             dims = [d for d in range(grad.dim()) if factor.dim() < grad.dim() or factor.shape[d] == 1]
             grad_factor = (grad * acc).sum(dims, keepdim=factor.dim() == grad.dim()).view(factor.shape)
         grad_acc = grad * factor
-        return (grad_acc if inside is None else grad_acc.masked_fill_(~inside, 0.0)), grad_factor, None, None, None
+        return (grad_acc if inside is None else grad_acc.masked_fill_(~inside, 0.0)), grad_factor, None, None, None, None
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, torch.round)
+
+
+def round_like_ste(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """x rounded by the tie rule of the profile's `rounding`, gradient straight through."""
+    return _StraightThrough.apply(x, lambda v: arith.round_real_(v.clone(), rounding))
 
 
 def trunc_ste(x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +291,7 @@ class QGraph(nn.Module):
     def _round(self, v: torch.Tensor, real_factor, m, t):
         """v * factor rounded: STE nearest in training, the profile's exact requantization in eval."""
         if self.training:
-            return round_ste(v * real_factor)
+            return round_like_ste(v * real_factor, self.profile.requant.rounding)
         shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
         return arith.requantize(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape),
                                 self.profile.requant.rounding)
@@ -309,7 +316,8 @@ class QGraph(nn.Module):
         if self.training:
             spec = self.profile.accumulator
             acc_range = spec.range if spec.overflow == "saturate" else None
-            return _RequantizeSTE.apply(acc, factor, self.zero_points[n.name], bounds, acc_range)
+            return _RequantizeSTE.apply(acc, factor, self.zero_points[n.name], bounds, acc_range,
+                                        self.profile.requant.rounding)
         y = self._round(self._accumulator(acc), factor, m, t) + self.zero_points[n.name]
         return torch.clamp(y, *bounds)
 
@@ -373,7 +381,7 @@ class QGraph(nn.Module):
             ones = F.pad(torch.ones_like(x[:1, :1]), (pl, pr, pt, pb))
             count = F.avg_pool2d(ones, (kh, kw), a["stride"], divisor_override=1)
         if self.training:
-            return round_ste(total / count) + zp
+            return round_like_ste(total / count, self.profile.requant.rounding) + zp
         return arith.divide_rounded(total.round(), count, self.profile.requant.rounding) + zp
 
     def _reshape(self, n: FNode, xs):
