@@ -95,10 +95,10 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
     a = n.attrs
     if n.kind == "conv":
         pt, pl, pb, pr = a["padding"]
-        y = F.conv2d(F.pad(xs[0], (pl, pr, pt, pb)), n.weight.to(xs[0].dtype), n.bias.to(xs[0].dtype),
+        y = F.conv2d(F.pad(xs[0], (pl, pr, pt, pb)), n.weight.to(xs[0]), n.bias.to(xs[0]),
                      a["stride"], 0, a["dilation"], a["groups"])
     elif n.kind == "linear":
-        y = F.linear(xs[0], n.weight.to(xs[0].dtype), n.bias.to(xs[0].dtype))
+        y = F.linear(xs[0], n.weight.to(xs[0]), n.bias.to(xs[0]))
     elif n.kind == "add":
         y = xs[0] + xs[1]
     elif n.kind == "cat":

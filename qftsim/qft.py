@@ -91,6 +91,9 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     data = calibration_tensor(calibration_data)[: cfg.dataset_size]
     torch.manual_seed(cfg.seed)
     fg = capture_checked(model, data)
+    missing = [k for k in cfg.loss_layers if k not in {n.name for n in fg.nodes}]
+    if missing:
+        raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(n.name for n in fg.nodes)}")
     if teacher_outputs is None:
         teacher = _teacher(model, data, cfg.batch_size)
     else:
@@ -344,13 +347,6 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     device = torch.device(cfg.device)
     qg.to(device)
     data, teacher = data.to(device), teacher.to(device)
-    layer_teacher = {}
-    if cfg.loss_layers:
-        env = qg.fg.run(data.cpu())
-        missing = [k for k in cfg.loss_layers if k not in env]
-        if missing:
-            raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(env)}")
-        layer_teacher = {k: env[k].float().to(device) for k in cfg.loss_layers}
     groups = qg.dof_groups()
     param_groups = []
     for name, params in groups.items():
@@ -378,8 +374,8 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
             idx = order[i:i + cfg.batch_size].to(device)
             out, inner = qg(data[idx], keep=tuple(cfg.loss_layers))
             loss = loss_fn(cfg.loss, out, teacher[idx])
-            for layer, factor in cfg.loss_layers.items():
-                loss = loss + factor * loss_fn("l2rel", inner[layer], layer_teacher[layer][idx])
+            for layer, target in layer_targets(qg.fg, data[idx], cfg.loss_layers).items():
+                loss = loss + cfg.loss_layers[layer] * loss_fn("l2rel", inner[layer], target)
             optimizer.zero_grad()
             loss.backward()
             if distributed:
@@ -397,6 +393,15 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     qg.eval()
     qg.to("cpu")
     return curve
+
+
+@torch.no_grad()
+def layer_targets(fg: FGraph, x: torch.Tensor, layers) -> dict[str, torch.Tensor]:
+    """The float graph's tensors named in `layers` for batch x: computed per batch, since holding
+    them for the whole calibration set can take more memory than the machine has."""
+    if not layers:
+        return {}
+    return {n.name: out for n, _, out in fg.stream(x) if n.name in layers}
 
 
 # ---------------------------------------------------------------- report

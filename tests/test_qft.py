@@ -11,7 +11,7 @@ from torch import nn
 
 from qftsim import QftsimError, list_profiles
 from qftsim.capture import capture
-from qftsim.qft import quantize, quantize_graph
+from qftsim.qft import loss_fn, quantize, quantize_graph
 from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import load_mnist, reference_network
 
@@ -111,6 +111,22 @@ def test_errors_before_training(mnist):
         quantize(reference_network("resnet"), x, "int8-default", freeze=("everything",))
     with pytest.raises(QftsimError, match="unknown method"):
         quantize(reference_network("resnet"), x, "int8-default", method="gptq")
+    with pytest.raises(QftsimError, match="loss layer 'nowhere' is not a node"):
+        quantize(reference_network("resnet"), x, "int8-default", loss_layers={"nowhere": 1.0})
+
+
+def test_loss_layers_add_their_relative_error(mnist):
+    """An extra loss layer adds factor * l2rel(its tensor, the float graph's) to every step's loss."""
+    x = mnist[0][:64]
+    knobs = dict(epochs=1, dataset_size=64, batch_size=64, progress=False, learning_rate=0.0)
+    _, plain = quantize_graph(reference_network("resnet"), x, "npu-a8w4", **knobs)
+    qgraph, extra = quantize_graph(reference_network("resnet"), x, "npu-a8w4", loss_layers={"stem_0": 2.0}, **knobs)
+    qgraph.train()
+    with torch.no_grad():
+        _, inner = qgraph(x, keep=("stem_0",))
+    target = qgraph.fg.run(x)["stem_0"]
+    expected = plain["loss_curve"][0] + 2.0 * float(loss_fn("l2rel", inner["stem_0"], target))
+    assert extra["loss_curve"][0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_calibration_data_forms(mnist):
