@@ -104,6 +104,12 @@ def main(argv=None):
     ap.add_argument("--calibration", type=int, default=1024, help="calibration crops")
     ap.add_argument("--evaluation", type=int, default=1000, help="evaluation crops")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--loss", default="l2rel", help="QFT's loss on the logits (l2rel, l2, kl, ce)")
+    ap.add_argument("--learning-rate", type=float, default=1e-3, help="QFT's learning rate of weights and biases")
+    ap.add_argument("--scale-lr-factor", type=float, default=10.0, help="scales' learning rate / --learning-rate")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--block-loss", type=float, default=0.0,
+                    help="also this factor times l2rel on each block's output, divided by the block count")
     ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
     ap.add_argument("--quick", action="store_true", help="256 calibration / 200 evaluation crops, one epoch")
     ap.add_argument("--smoke", action="store_true",
@@ -127,7 +133,8 @@ def main(argv=None):
     print(f"# EfficientNet-Lite0, {platform.machine()} {torch.get_num_threads()} threads; "
           f"{len(calibration_photos)} calibration photos -> {args.calibration} crops, "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
-          f"{args.epochs} QFT epochs; float teacher {time.perf_counter() - clock:.0f} s")
+          f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} (scales x{args.scale_lr_factor:g}), "
+          f"batch {args.batch_size}, block loss {args.block_loss:g}; float teacher {time.perf_counter() - clock:.0f} s")
     print(f"{'profile':14s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
           f"{'seconds':>7s}  check")
     methods = args.methods.split(",")
@@ -135,7 +142,9 @@ def main(argv=None):
         methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
     for profile in args.profiles.split(","):
         for method in methods:
-            knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration}
+            knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
+                     "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
+                     "batch_size": args.batch_size, "loss_layers": block_outputs(net, args.block_loss)}
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()
@@ -151,6 +160,19 @@ def main(argv=None):
             if "chosen_init" in report:
                 print(f"#   {method} started from {report['chosen_init']} (calibration losses: "
                       + ", ".join(f"{k} {v:.4g}" for k, v in report["init_losses"].items()) + ")", flush=True)
+
+
+def block_outputs(net, factor: float) -> dict[str, float]:
+    """{tensor name: factor / count} for every inverted-residual block's output and the head (the captured
+    graph's names: a block's output is the residual add, or its projection where no add ends the block)."""
+    if not factor:
+        return {}
+    from qftsim.capture import capture
+
+    fg = capture(net, torch.zeros(2, 3, SIZE, SIZE))
+    outs = [n.name for n in fg.nodes if n.kind == "add" or n.name.endswith("_project_conv") and not all(
+        c.kind == "add" for c in fg.consumers(n.name))] + ["_conv_head"]
+    return {name: factor / len(outs) for name in outs}
 
 
 def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor, skip_compiled: bool) -> str:
