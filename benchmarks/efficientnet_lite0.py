@@ -108,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--learning-rate", type=float, default=1e-3, help="QFT's learning rate of weights and biases")
     ap.add_argument("--scale-lr-factor", type=float, default=10.0, help="scales' learning rate / --learning-rate")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr-unit", default="absolute", help="absolute, or step: rates in quantization steps")
     ap.add_argument("--block-loss", type=float, default=0.0,
                     help="also this factor times l2rel on each block's output, divided by the block count")
     ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
@@ -134,7 +135,7 @@ def main(argv=None):
           f"{len(calibration_photos)} calibration photos -> {args.calibration} crops, "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} (scales x{args.scale_lr_factor:g}), "
-          f"batch {args.batch_size}, block loss {args.block_loss:g}; float teacher {time.perf_counter() - clock:.0f} s")
+          f"unit {args.lr_unit}, batch {args.batch_size}, block loss {args.block_loss:g}; float teacher {time.perf_counter() - clock:.0f} s")
     print(f"{'profile':14s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
           f"{'seconds':>7s}  check")
     methods = args.methods.split(",")
@@ -144,7 +145,7 @@ def main(argv=None):
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
-                     "batch_size": args.batch_size, "loss_layers": block_outputs(net, args.block_loss)}
+                     "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": block_outputs(net, args.block_loss)}
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()

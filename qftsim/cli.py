@@ -191,7 +191,8 @@ def _quantize(args) -> int:
         loss_layers[name] = float(factor or 1.0)
     int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
                                  dataset_size=args.dataset_size, batch_size=args.batch_size,
-                                 learning_rate=args.lr, loss=args.loss, loss_layers=loss_layers,
+                                 learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
+                                 loss_layers=loss_layers,
                                  freeze=tuple(args.freeze or ()), seed=args.seed, device=args.device,
                                  progress=not args.quiet)
     int_model.save(args.output)
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--dataset-size", type=int, default=1024)
     quant.add_argument("--batch-size", type=int, default=32)
     quant.add_argument("--lr", type=float, default=1e-3)
+    quant.add_argument("--lr-unit", default="absolute", choices=["absolute", "step"],
+                       help="step: weights and biases move in quantization steps (layers of very different sizes)")
     quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"])
     quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
     quant.add_argument("--freeze", action="append", metavar="GROUP",

@@ -27,6 +27,7 @@ from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
 
 METHOD_PARTS = ("rtn", "mse", "cle", "bias_correction")
 LOSSES = ("l2rel", "l2", "kl", "ce")
+LR_UNITS = ("absolute", "step")
 REPORT_SAMPLES = 32  # calibration samples behind the per-layer SQNR report
 BIAS_CORRECTION_SAMPLES = 128  # enough for per-channel means; their float64 activations must fit in memory
 
@@ -40,6 +41,10 @@ class QftConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
+    # "absolute": weights and biases move by about learning_rate per step (Adam). "step": in quantization
+    # steps: a layer's weights by learning_rate x its mean weight step, its bias by learning_rate x its
+    # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
+    lr_unit: str = "absolute"
     loss: str = "l2rel"
     loss_layers: dict[str, float] = field(default_factory=dict)
     freeze: tuple[str, ...] = ()
@@ -49,6 +54,8 @@ class QftConfig:
     calibration_batches: int = 256  # samples used for ranges, bias correction and the exact loss
 
     def validate(self) -> None:
+        if self.lr_unit not in LR_UNITS:
+            raise QftsimError(f"lr_unit {self.lr_unit!r}; accepted: {', '.join(LR_UNITS)}")
         if self.loss not in LOSSES:
             raise QftsimError(f"loss {self.loss!r}; accepted: {', '.join(LOSSES)}")
         bad = [g for g in self.freeze if g not in DOF_GROUPS]
@@ -347,15 +354,7 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     device = torch.device(cfg.device)
     qg.to(device)
     data, teacher = data.to(device), teacher.to(device)
-    groups = qg.dof_groups()
-    param_groups = []
-    for name, params in groups.items():
-        frozen = name in cfg.freeze
-        for p in params:
-            p.requires_grad_(not frozen)
-        if params and not frozen:
-            lr = cfg.learning_rate * (1.0 if name in ("weights", "biases") else cfg.scale_lr_factor)
-            param_groups.append({"params": params, "lr": lr})
+    param_groups = _param_groups(qg, cfg)
     if not param_groups or cfg.epochs == 0:
         return []
     optimizer = torch.optim.Adam(param_groups)
@@ -393,6 +392,30 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     qg.eval()
     qg.to("cpu")
     return curve
+
+
+@torch.no_grad()
+def _param_groups(qg: QGraph, cfg: QftConfig) -> list[dict]:
+    """Adam's parameter groups: every unfrozen DoF group at its learning rate (QftConfig.lr_unit)."""
+    param_groups = []
+    for name, params in qg.dof_groups().items():
+        frozen = name in cfg.freeze
+        for p in params:
+            p.requires_grad_(not frozen)
+        if not params or frozen:
+            continue
+        if name not in ("weights", "biases"):
+            param_groups.append({"params": params, "lr": cfg.learning_rate * cfg.scale_lr_factor})
+        elif cfg.lr_unit == "absolute":
+            param_groups.append({"params": params, "lr": cfg.learning_rate})
+        else:
+            for n in qg.fg.nodes:
+                if n.kind in ("conv", "linear"):
+                    k = _key(n.name)
+                    unit = qg.weight_scale(n).mean() if name == "weights" else qg.act_scale(n.name)
+                    param = (qg.weight if name == "weights" else qg.bias)[k]
+                    param_groups.append({"params": [param], "lr": cfg.learning_rate * float(unit)})
+    return param_groups
 
 
 @torch.no_grad()

@@ -115,6 +115,21 @@ def test_errors_before_training(mnist):
         quantize(reference_network("resnet"), x, "int8-default", loss_layers={"nowhere": 1.0})
 
 
+def test_step_learning_rates_are_in_each_layers_quantization_steps(mnist):
+    from qftsim.qft import QftConfig, _param_groups
+    from qftsim.qgraph import _key
+
+    qgraph, _ = quantize_graph(reference_network("resnet"), mnist[0][:64], "npu-a8w4", method="rtn")
+    rates = {id(g["params"][0]): g["lr"] for g in _param_groups(qgraph, QftConfig(lr_unit="step", learning_rate=0.01))}
+    for n in qgraph.fg.nodes:
+        if n.kind == "conv":
+            k = _key(n.name)
+            assert rates[id(qgraph.weight[k])] == pytest.approx(0.01 * float(qgraph.weight_scale(n).detach().mean()))
+            assert rates[id(qgraph.bias[k])] == pytest.approx(0.01 * float(qgraph.act_scale(n.name).detach()))
+    with pytest.raises(QftsimError, match="lr_unit 'steps'"):
+        quantize(reference_network("resnet"), mnist[0][:8], "int8-default", lr_unit="steps")
+
+
 def test_loss_layers_add_their_relative_error(mnist):
     """An extra loss layer adds factor * l2rel(its tensor, the float graph's) to every step's loss."""
     x = mnist[0][:64]
