@@ -134,18 +134,20 @@ def main(argv=None):
     print(f"# EfficientNet-Lite0, {platform.machine()} {torch.get_num_threads()} threads; "
           f"{len(calibration_photos)} calibration photos -> {args.calibration} crops, "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
-          f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} (scales x{args.scale_lr_factor:g}), "
-          f"unit {args.lr_unit}, batch {args.batch_size}, block loss {args.block_loss:g}; float teacher {time.perf_counter() - clock:.0f} s")
+          f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
+          f"(scales x{args.scale_lr_factor:g}), unit {args.lr_unit}, batch {args.batch_size}, "
+          f"block loss {args.block_loss:g}; float teacher {time.perf_counter() - clock:.0f} s")
     print(f"{'profile':14s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
           f"{'seconds':>7s}  check")
     methods = args.methods.split(",")
+    loss_layers = block_outputs(net, args.block_loss)
     if args.ablations:
         methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
     for profile in args.profiles.split(","):
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
-                     "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": block_outputs(net, args.block_loss)}
+                     "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": loss_layers}
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()

@@ -79,7 +79,8 @@ class _RequantizeSTE(torch.autograd.Function):
             dims = [d for d in range(grad.dim()) if factor.dim() < grad.dim() or factor.shape[d] == 1]
             grad_factor = (grad * acc).sum(dims, keepdim=factor.dim() == grad.dim()).view(factor.shape)
         grad_acc = grad * factor
-        return (grad_acc if inside is None else grad_acc.masked_fill_(~inside, 0.0)), grad_factor, None, None, None, None
+        grad_acc = grad_acc if inside is None else grad_acc.masked_fill_(~inside, 0.0)
+        return grad_acc, grad_factor, None, None, None, None
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +290,7 @@ class QGraph(nn.Module):
         return getattr(self, f"_{n.kind}")(n, xs)
 
     def _round(self, v: torch.Tensor, real_factor, m, t):
-        """v * factor rounded: STE nearest in training, the profile's exact requantization in eval."""
+        """v * factor rounded: in training by the profile's tie rule (STE), in eval by its exact requantization."""
         if self.training:
             return round_like_ste(v * real_factor, self.profile.requant.rounding)
         shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
