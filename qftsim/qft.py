@@ -98,9 +98,10 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     data = calibration_tensor(calibration_data)[: cfg.dataset_size]
     torch.manual_seed(cfg.seed)
     fg = capture_checked(model, data)
-    missing = [k for k in cfg.loss_layers if k not in {n.name for n in fg.nodes}]
+    names = [n.name for n in fg.nodes]
+    missing = [k for k in cfg.loss_layers if k not in names]
     if missing:
-        raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(n.name for n in fg.nodes)}")
+        raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(names)}")
     if teacher_outputs is None:
         teacher = _teacher(model, data, cfg.batch_size)
     else:
@@ -409,12 +410,11 @@ def _param_groups(qg: QGraph, cfg: QftConfig) -> list[dict]:
         elif cfg.lr_unit == "absolute":
             param_groups.append({"params": params, "lr": cfg.learning_rate})
         else:
+            per_layer = qg.weight if name == "weights" else qg.bias
             for n in qg.fg.nodes:
                 if n.kind in ("conv", "linear"):
-                    k = _key(n.name)
                     unit = qg.weight_scale(n).mean() if name == "weights" else qg.act_scale(n.name)
-                    param = (qg.weight if name == "weights" else qg.bias)[k]
-                    param_groups.append({"params": [param], "lr": cfg.learning_rate * float(unit)})
+                    param_groups.append({"params": [per_layer[_key(n.name)]], "lr": cfg.learning_rate * float(unit)})
     return param_groups
 
 
