@@ -1,14 +1,17 @@
 """QFT vs closed-form baselines on the reference networks, for every shipped profile.
 
     python benchmarks/qft_mnist.py [--profiles a,b] [--networks resnet,mobilenetv2] [--no-ablations]
-                                   [--loss kl] [--epochs 8]
+                                   [--loss kl] [--epochs 32]
 
 Accuracy is the simulator's, on the 1000 held-out MNIST images (never used
 for calibration: calibration takes the first 1024 training images).
 Targets (issue 4): QFT within 1.0 point of float on every shipped profile;
 zero accumulator overflows on fpga-w4a4-pow2-acc16. QFT runs with the KL
-loss for 8 epochs here: on the W4A4 power-of-two profile the library's
-defaults (l2rel, 4 epochs) stop 1 to 4 points short of float.
+loss for 32 epochs here (the library's defaults: l2rel, 4 epochs). These were
+chosen on training images 2000-3999, never on the held-out split: at W4A4
+(fpga-w4a4-pow2-acc16), agreement there rose from 98.0% / 96.6% (ResNet /
+MobileNetV2) at 8 epochs to 98.25% / 97.05% at 32; l2rel, ce, other rates,
+batch 16 and loss layers did not beat KL.
 """
 
 import argparse
@@ -30,7 +33,7 @@ def main():
     ap.add_argument("--networks", default="resnet,mobilenetv2")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--loss", default="kl", help="QFT's loss (the library's default is l2rel)")
-    ap.add_argument("--epochs", type=int, default=8, help="QFT's epochs (the library's default is 4)")
+    ap.add_argument("--epochs", type=int, default=32, help="QFT's epochs (the library's default is 4)")
     args = ap.parse_args()
     x, _, x_test, y_test = load_mnist()
     calib = x[:1024]
