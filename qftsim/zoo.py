@@ -157,7 +157,8 @@ def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None)
     """A reference network trained (seeded, under a minute on 2 cores) on the bundled MNIST train split.
 
     Adam with a cosine learning-rate schedule down to zero: a constant rate leaves the last steps' noise in
-    the weights (94.2% instead of 97.2% for the ResNet). Trained weights are cached (~/.cache/qftsim, or $QFTSIM_CACHE) and loaded with weights_only=True.
+    the weights (94.2% instead of 97.2% for the ResNet). Trained weights are cached (~/.cache/qftsim, or
+    $QFTSIM_CACHE) and loaded with weights_only=True.
     """
     import os
     from pathlib import Path
