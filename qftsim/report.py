@@ -45,7 +45,8 @@ def write_report(folder: str | Path, profile: HardwareProfile, reports: dict[str
     fig, ax = plt.subplots(figsize=(9, 4))
     used = [math.log2(max(abs(r.acc_min), abs(r.acc_max), 1)) + 1 for r in macs]
     ax.bar(range(len(macs)), used, color=["tab:red" if r.overflows else "tab:blue" for r in macs])
-    ax.axhline(profile.accumulator.bits, color="k", linestyle="--", label=f"accumulator: {profile.accumulator.bits} bits")
+    bits = profile.accumulator.bits
+    ax.axhline(bits, color="k", linestyle="--", label=f"accumulator: {bits} bits")
     ax.set_xticks(range(len(macs)), [r.name for r in macs], rotation=90, fontsize=7)
     ax.set_ylabel("bits used by the largest |accumulator|")
     ax.set_title("Accumulator use per layer (red: overflowed)")

@@ -119,7 +119,8 @@ def check_inputs(model: IntModel, inputs) -> dict[str, np.ndarray]:
             raise QftsimError(f"input {spec.name!r}: integer data expected, got {arr.dtype} "
                               "(quantize real values with the model's input quantization first)")
         if arr.shape[1:] != spec.shape or arr.ndim != len(spec.shape) + 1:
-            raise QftsimError(f"input {spec.name!r}: shape {arr.shape}, expected (batch, {', '.join(map(str, spec.shape))})")
+            expected = ", ".join(map(str, spec.shape))
+            raise QftsimError(f"input {spec.name!r}: shape {arr.shape}, expected (batch, {expected})")
         if arr.size and (arr.min() < spec.quant.qmin or arr.max() > spec.quant.qmax):
             raise QftsimError(f"input {spec.name!r}: values outside [{spec.quant.qmin}, {spec.quant.qmax}]")
         checked[spec.name] = arr
