@@ -214,9 +214,17 @@ class QGraph(nn.Module):
         return torch.exp2(round_ste(torch.log2(scale))) if kind == "power_of_two" else scale
 
     def int_weight(self, n: FNode) -> torch.Tensor:
-        w = self.effective_weight(n) / self.weight_scale(n).view(-1, *([1] * (n.weight.dim() - 1)))
-        rnd = trunc_ste if self.profile.accumulator.guarantee == "a2q" else round_ste
-        return torch.clamp(rnd(w), self.profile.weights.qmin, self.profile.weights.qmax)
+        """Integer weights: rounded to nearest; under A2Q, a row whose rounded L1 norm exceeds the bound is
+        truncated toward zero instead, which the weight scale keeps within it (A2Q truncates every row,
+        with four times the error variance of rounding)."""
+        shape = (-1, *([1] * (n.weight.dim() - 1)))
+        w = self.effective_weight(n) / self.weight_scale(n).view(shape)
+        bounds = self.profile.weights.qmin, self.profile.weights.qmax
+        nearest = torch.clamp(round_ste(w), *bounds)
+        if self.profile.accumulator.guarantee != "a2q":
+            return nearest
+        fits = nearest.detach().abs().flatten(1).sum(1) <= self.a2q_limit(n)
+        return torch.where(fits.view(shape), nearest, torch.clamp(trunc_ste(w), *bounds))
 
     def bias_range(self) -> tuple[int, int]:
         """The integer range a bias may take (under A2Q, its share of the accumulator)."""

@@ -171,6 +171,26 @@ def test_dead_channel_keeps_its_bias(profile):
     assert np.abs(out[:, 1] - 0.5).max() <= node.quant.scale
 
 
+def test_a2q_rounds_to_nearest_where_the_bound_allows():
+    """Under A2Q a row is rounded to nearest when its integer L1 norm stays within the bound, else truncated."""
+    from qftsim.profile import load_profile
+    from qftsim.qgraph import QGraph, _key
+
+    net = nn.Sequential(nn.Linear(600, 2))
+    qg = QGraph(capture(net, torch.zeros(2, 600)), load_profile("fpga-w4a4-pow2-acc16"))
+    node = qg.fg.nodes[1]
+    limit = qg.a2q_limit(node)  # 4-bit signed input: floor(32767 * 3/4 / 8) = 3071
+    rows = torch.stack([torch.tensor([5.5, 4.7]).repeat(300),  # float L1 3060; rounded 3300 > limit
+                        torch.full((600,), 1.6)])  # rounded: 1200
+    with torch.no_grad():
+        qg.weight[_key(node.name)].copy_(rows)
+        qg.log_weight_scale[_key(node.name)].zero_()  # step 1.0: the float L1 norms already meet the bound
+    ints = qg.int_weight(node)
+    assert limit == 3071 and torch.equal(qg.weight_scale(node), torch.ones(2))
+    assert torch.equal(ints[0], torch.trunc(rows[0])) and torch.equal(ints[1], torch.round(rows[1]))
+    assert (ints.abs().sum(1) <= limit).all()
+
+
 @pytest.mark.parametrize("acc_range", [None, (-300.0, 250.0)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_fused_training_requantize_equals_composed_ops(acc_range, channels):
