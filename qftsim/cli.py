@@ -8,6 +8,7 @@ reported as one line on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def _floats(text: str) -> tuple[float, ...]:
         raise QftsimError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _join_torchrun(device: str) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1): join its process group, so that QFT trains data-parallel with one
+    shard of the calibration data per process; returns (rank, world size, this process's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):  # one GPU per process, as torchrun numbers them on each machine
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
 def _quantize(args) -> int:
     import json
     import warnings
@@ -184,17 +201,28 @@ def _quantize(args) -> int:
     model = load_exported_program(args.model) if args.model else load_factory(args.factory, args.weights)
     data = load_calibration(args.data, args.resize, args.crop, _floats(args.mean), _floats(args.std),
                             args.channels, args.npz_key)
-    print(f"calibration data: {tuple(data.shape)} from {args.data}")
     loss_layers = {}
     for item in args.loss_layer or []:
         name, _, factor = item.partition("=")
         loss_layers[name] = float(factor or 1.0)
-    int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
-                                 dataset_size=args.dataset_size, batch_size=args.batch_size,
-                                 learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
-                                 loss_layers=loss_layers,
-                                 freeze=tuple(args.freeze or ()), seed=args.seed, device=args.device,
-                                 progress=not args.quiet)
+    rank, world, device = _join_torchrun(args.device)
+    if rank == 0:
+        print(f"calibration data: {tuple(data.shape)} from {args.data}")
+        if world > 1:
+            print(f"data-parallel over {world} processes (torchrun)")
+    try:
+        int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
+                                     dataset_size=args.dataset_size, batch_size=args.batch_size,
+                                     learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
+                                     loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
+                                     device=device, progress=not args.quiet and rank == 0)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:  # every process holds the same model; the first one writes it
+        return EXIT_OK
     int_model.save(args.output)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

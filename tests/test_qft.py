@@ -1,6 +1,5 @@
 """QFT: capture, the consistency contract (eval QGraph == simulator), knobs, determinism, DDP."""
 
-import os
 import warnings
 
 import numpy as np
@@ -247,33 +246,23 @@ def test_capture_folds_and_fuses():
         assert torch.allclose(rg.run(x.double())[rg.output].float(), net(x), atol=1e-4)
 
 
-def _ddp_worker(rank, world, port, x, result_path):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model, _ = quantize(reference_network("resnet"), x, "int8-default", epochs=2, dataset_size=len(x),
-                        progress=False)
-    if rank == 0:
-        model.save(result_path)
-    dist.destroy_process_group()
-
-
-def test_ddp_two_gloo_processes_match_single_process(mnist, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
+def test_ddp_under_torchrun_with_two_gloo_processes_matches_single_process(mnist, tmp_path):
+    import subprocess
+    import sys
 
     from qftsim import intmodel
 
     x, _, x_test, y_test = mnist
     calib = x[:512]
-    reference_network("resnet")  # train (and cache) before the workers start
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, calib, str(tmp_path / "ddp.qft")), nprocs=2, join=True)
+    np.save(tmp_path / "calib.npy", calib.numpy())
+    torch.save(reference_network("resnet").state_dict(), tmp_path / "resnet.pt")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "qftsim.cli", "quantize", "--factory", "qftsim.zoo:SmallResNet", "--weights",
+              str(tmp_path / "resnet.pt"), "--data", str(tmp_path / "calib.npy"), "--profile", "int8-default",
+              "--epochs", "2", "--dataset-size", "512", "--quiet", "-o", str(tmp_path / "ddp.qft")]
+    res = subprocess.run(launch, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "data-parallel over 2 processes (torchrun)" in res.stdout
     ddp = intmodel.load(tmp_path / "ddp.qft")
     single, _ = quantize(reference_network("resnet"), calib, "int8-default", epochs=2, dataset_size=512,
                          progress=False)
