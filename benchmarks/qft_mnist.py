@@ -21,7 +21,8 @@ A2Q still truncated every weight row; since 5d211d2, 32 epochs give 98.6% /
 (scales 1e-2), step rates 1e-2 with scales at 1e-2 disagreed with float as
 often or less on all 10 pairs there, with lower KL on npu-a8w4 (ResNet
 0.00081 vs 0.00140, MobileNetV2 0.0028 vs 0.0037); MobileNetV2/fpga's mean
-of seeds 0-2 was 97.58% vs 97.75%. Scales at 10x the step rate diverged.
+of seeds 0-2 was 97.58% vs 97.75%. Scales at 10x the step rate did worse (on
+ResNet/npu-a8w4 training diverged).
 """
 
 import argparse
