@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -170,12 +171,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise QftsimError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _join_torchrun(device: str) -> tuple[int, int, str]:
-    """Under torchrun (WORLD_SIZE > 1): join its process group, so that QFT trains data-parallel with one
-    shard of the calibration data per process; returns (rank, world size, this process's device)."""
+@contextmanager
+def _torchrun_group(device: str):
+    """Under torchrun (WORLD_SIZE > 1): be a member of its process group, so that QFT trains data-parallel
+    with one shard of the calibration data per process; yields (rank, world size, this process's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, device
+        yield 0, 1, device
+        return
     import torch
     import torch.distributed as dist
 
@@ -183,7 +186,10 @@ def _join_torchrun(device: str) -> tuple[int, int, str]:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, device
+    try:
+        yield dist.get_rank(), world, device
+    finally:
+        dist.destroy_process_group()
 
 
 def _quantize(args) -> int:
@@ -205,22 +211,16 @@ def _quantize(args) -> int:
     for item in args.loss_layer or []:
         name, _, factor = item.partition("=")
         loss_layers[name] = float(factor or 1.0)
-    rank, world, device = _join_torchrun(args.device)
-    if rank == 0:
-        print(f"calibration data: {tuple(data.shape)} from {args.data}")
-        if world > 1:
-            print(f"data-parallel over {world} processes (torchrun)")
-    try:
+    with _torchrun_group(args.device) as (rank, world, device):
+        if rank == 0:
+            print(f"calibration data: {tuple(data.shape)} from {args.data}")
+            if world > 1:
+                print(f"data-parallel over {world} processes (torchrun)")
         int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
                                      dataset_size=args.dataset_size, batch_size=args.batch_size,
                                      learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
                                      loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
                                      device=device, progress=not args.quiet and rank == 0)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank != 0:  # every process holds the same model; the first one writes it
         return EXIT_OK
     int_model.save(args.output)
