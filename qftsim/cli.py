@@ -220,6 +220,8 @@ def _quantize(args) -> int:
                                      dataset_size=args.dataset_size, batch_size=args.batch_size,
                                      learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
                                      loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
+                                     reconstruction_steps=args.reconstruction_steps,
+                                     reconstruction_lr=args.reconstruction_lr,
                                      device=device, progress=not args.quiet and rank == 0)
     if rank != 0:  # every process holds the same model; the first one writes it
         return EXIT_OK
@@ -290,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="step: weights and biases move in quantization steps (layers of very different sizes)")
     quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"])
     quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
+    quant.add_argument("--reconstruction-steps", type=int, default=0,
+                       help="block-wise reconstruction steps per block before finetuning (0: none)")
+    quant.add_argument("--reconstruction-lr", type=float, default=5e-2, help="its rate, in quantization steps")
     quant.add_argument("--freeze", action="append", metavar="GROUP",
                        help="weights, biases, weight_scales, act_scales or equalization")
     quant.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qftsim.capture import FGraph, capture, drop_dead, float_op, set_eval_mode
+from qftsim.capture import FGraph, FNode, capture, drop_dead, float_op, set_eval_mode
 from qftsim.errors import QftsimError
 from qftsim.profile import HardwareProfile, load_profile
 from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
@@ -46,6 +46,11 @@ class QftConfig:
     # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
     lr_unit: str = "absolute"
     loss: str = "l2rel"
+    # BRECQ-style reconstruction before the joint finetuning: block by block in order, this many Adam steps
+    # that match each block's output to the float graph's, fed the quantized blocks before it (0: none).
+    # Its rate is in quantization steps (weights, biases) and absolute for the log-scales
+    reconstruction_steps: int = 0
+    reconstruction_lr: float = 5e-2
     loss_layers: dict[str, float] = field(default_factory=dict)
     freeze: tuple[str, ...] = ()
     seed: int = 0
@@ -61,8 +66,8 @@ class QftConfig:
         bad = [g for g in self.freeze if g not in DOF_GROUPS]
         if bad:
             raise QftsimError(f"cannot freeze {bad[0]!r}; DoF groups: {', '.join(DOF_GROUPS)}")
-        for key in ("epochs", "dataset_size", "batch_size"):
-            if getattr(self, key) < (0 if key == "epochs" else 1):
+        for key in ("epochs", "dataset_size", "batch_size", "reconstruction_steps"):
+            if getattr(self, key) < (0 if key in ("epochs", "reconstruction_steps") else 1):
                 raise QftsimError(f"{key} must be positive, got {getattr(self, key)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QftsimError("device cuda requested but torch sees no CUDA device")
@@ -127,11 +132,16 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         report.update(init_losses=losses, chosen_init=chosen)
         seconds["initialize"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        qg = copy.deepcopy(inits[chosen])
+        start, start_loss = inits[chosen], losses[chosen]
+        if cfg.reconstruction_steps:
+            start = copy.deepcopy(start)
+            report["reconstruction"] = reconstruct_blocks(start, data, cfg)
+            start_loss = report["reconstructed_loss"] = evaluate_loss(start, data, teacher, cfg)
+        qg = copy.deepcopy(start)
         report["loss_curve"] = finetune(qg, data, teacher, cfg)
         report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
-        if report["final_loss"] > losses[chosen]:  # never hand back worse than where training started
-            qg, report["kept_initialisation"] = inits[chosen], True
+        if report["final_loss"] > start_loss:  # never hand back worse than where finetuning started
+            qg, report["final_loss"], report["kept_start"] = start, start_loss, True
         seconds["finetune"] = time.perf_counter() - clock
     else:
         qg = initialize(fg, profile, data, method, cfg)
@@ -358,10 +368,11 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     param_groups = _param_groups(qg, cfg)
     if not param_groups or cfg.epochs == 0:
         return []
+    _train_only(qg, param_groups)
     optimizer = torch.optim.Adam(param_groups)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    schedule = _cosine(optimizer, total)
     generator = torch.Generator().manual_seed(cfg.seed)
     curve = []
     qg.train()
@@ -395,27 +406,124 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     return curve
 
 
+def reconstruction_segments(fg: FGraph, min_layers: int = 3) -> list[list[FNode]]:
+    """The nodes after the input cut into blocks: each ends where its output is the only tensor that later
+    nodes read and holds at least `min_layers` conv/linear nodes; the last block ends at the output."""
+    last_use = fg.last_uses()
+    live = {fg.nodes[0].name}
+    segments, current = [], []
+    for i, n in enumerate(fg.nodes[1:], 1):
+        current.append(n)
+        live = {s for s in live | {n.name} if last_use.get(s, -1) > i}
+        if live == {n.name} and sum(m.kind in ("conv", "linear") for m in current) >= min_layers:
+            segments.append(current)
+            current = []
+    return segments + ([current] if current else [])
+
+
+def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[dict]:
+    """Block-wise reconstruction (BRECQ, Li et al. 2021): for each block in order, train its unfrozen DoFs
+    so that its output, fed the exact outputs of the blocks before it, matches the float graph's (l2rel).
+
+    A block sees whole feature maps as targets, far more signal per calibration image than the network's
+    output: at 4-bit weights it finds roundings that cancel (depthwise filters) where end-to-end training
+    on a few images overfits. Every process of a data-parallel run does the same work on all the data,
+    so they agree without communicating. Returns each block's last node and its loss before and after."""
+    rates = dataclasses.replace(cfg, learning_rate=cfg.reconstruction_lr, lr_unit="step", scale_lr_factor=1.0)
+    device = torch.device(cfg.device)
+    nodes = qg.fg.nodes
+    qg.eval()
+    with torch.no_grad():
+        exact = {nodes[0].name: torch.cat([qg.quantize_input(b).float() for b in data.split(64)])}
+    real = {nodes[0].name: data.float()}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    segments = reconstruction_segments(qg.fg)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(segments) * cfg.reconstruction_steps, desc="reconstruction", disable=not cfg.progress,
+               leave=False)
+    rows = []
+    for segment in segments:
+        out = segment[-1].name
+        target = _run_segment(segment, real, float_op, torch.float32)
+        param_groups = _param_groups(qg, rates, segment)
+        _train_only(qg, param_groups)
+        curve = []
+        if param_groups:
+            optimizer = torch.optim.Adam(param_groups)
+            schedule = _cosine(optimizer, cfg.reconstruction_steps)
+            qg.to(device).train()
+            for _ in range(cfg.reconstruction_steps):
+                idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
+                env = {name: t[idx].to(device) for name, t in exact.items()}
+                for n in segment:
+                    env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
+                loss = loss_fn("l2rel", qg.dequantize(out, env[out]), target[idx].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                curve.append(float(loss.detach()))
+                bar.update(1)
+            qg.eval().to("cpu")
+        with torch.no_grad():
+            real = {out: target}
+            exact = {out: _run_segment(segment, exact, qg.node_forward, torch.float64)}
+        rows.append({"block": out, "first_loss": curve[0] if curve else None,
+                     "last_loss": curve[-1] if curve else None})
+    bar.close()
+    for p in qg.parameters():
+        p.requires_grad_(True)
+    return rows
+
+
+def _cosine(optimizer: torch.optim.Optimizer, total: int):
+    """The learning rate decayed from its initial value to 0 over `total` steps along half a cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+
+
+def _run_segment(segment: list[FNode], env: dict[str, torch.Tensor], op, dtype, chunk: int = 64) -> torch.Tensor:
+    """The segment's last output by op(node, inputs) over all samples, in chunks computed in `dtype` and
+    stored in float32 (integers of up to 24 bits are exact there)."""
+    parts = []
+    for i in range(0, len(next(iter(env.values()))), chunk):
+        local = {name: t[i:i + chunk].to(dtype) for name, t in env.items()}
+        for n in segment:
+            local[n.name] = op(n, [local[s] for s in n.inputs])
+        parts.append(local[segment[-1].name].float())
+    return torch.cat(parts)
+
+
 @torch.no_grad()
-def _param_groups(qg: QGraph, cfg: QftConfig) -> list[dict]:
-    """Adam's parameter groups: every unfrozen DoF group at its learning rate (QftConfig.lr_unit)."""
-    param_groups = []
-    for name, params in qg.dof_groups().items():
-        frozen = name in cfg.freeze
-        for p in params:
-            p.requires_grad_(not frozen)
-        if not params or frozen:
-            continue
-        if name not in ("weights", "biases"):
-            param_groups.append({"params": params, "lr": cfg.learning_rate * cfg.scale_lr_factor})
-        elif cfg.lr_unit == "absolute":
-            param_groups.append({"params": params, "lr": cfg.learning_rate})
-        else:
-            per_layer = qg.weight if name == "weights" else qg.bias
-            for n in qg.fg.nodes:
-                if n.kind in ("conv", "linear"):
-                    unit = qg.weight_scale(n).mean() if name == "weights" else qg.act_scale(n.name)
-                    param_groups.append({"params": [per_layer[_key(n.name)]], "lr": cfg.learning_rate * float(unit)})
-    return param_groups
+def _param_groups(qg: QGraph, cfg: QftConfig, nodes=None) -> list[dict]:
+    """Adam's parameter groups, one per parameter: every unfrozen DoF of `nodes` (default: the whole graph)
+    at its learning rate (QftConfig.lr_unit)."""
+    step = cfg.lr_unit == "step"
+    scale_lr = cfg.learning_rate * cfg.scale_lr_factor
+    groups = []
+
+    def add(dof: str, param: nn.Parameter, lr: float) -> None:
+        if dof not in cfg.freeze:
+            groups.append({"params": [param], "lr": lr})
+
+    for n in qg.fg.nodes if nodes is None else nodes:
+        k = _key(n.name)
+        if n.kind in ("conv", "linear"):
+            add("weights", qg.weight[k], cfg.learning_rate * (float(qg.weight_scale(n).mean()) if step else 1.0))
+            add("biases", qg.bias[k], cfg.learning_rate * (float(qg.act_scale(n.name)) if step else 1.0))
+            add("weight_scales", qg.log_weight_scale[k], scale_lr)
+        if qg.quant_source[n.name] == n.name:
+            add("act_scales", qg.log_act_scale[k], scale_lr)
+        if k in qg.log_equalization:
+            add("equalization", qg.log_equalization[k], scale_lr)
+    return groups
+
+
+def _train_only(qg: QGraph, param_groups: list[dict]) -> None:
+    """Gradients for the parameters in `param_groups` and for nothing else."""
+    chosen = {id(p) for g in param_groups for p in g["params"]}
+    for p in qg.parameters():
+        p.requires_grad_(id(p) in chosen)
 
 
 @torch.no_grad()

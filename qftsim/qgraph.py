@@ -137,14 +137,6 @@ class QGraph(nn.Module):
                 channels = fgraph.node(producer).weight.shape[0]
                 self.log_equalization[_key(producer)] = nn.Parameter(torch.zeros(channels))
 
-    # ------------------------------------------------------------ parameters by group
-
-    def dof_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"weights": list(self.weight.values()), "biases": list(self.bias.values()),
-                "weight_scales": list(self.log_weight_scale.values()),
-                "act_scales": list(self.log_act_scale.values()),
-                "equalization": list(self.log_equalization.values())}
-
     # ------------------------------------------------------------ quantization of tensors
 
     def tensor_quant(self, name: str) -> TensorQuant:

@@ -83,6 +83,35 @@ def test_freezing_a_group_keeps_it(mnist):
     assert any(not torch.equal(s, start.log_weight_scale[k]) for k, s in trained.log_weight_scale.items())
 
 
+def test_reconstruction_blocks_end_where_one_tensor_carries_everything():
+    from qftsim.qft import reconstruction_segments
+
+    fg = capture(reference_network("resnet"), torch.zeros(2, 1, 28, 28))
+    assert [[n.name for n in s] for s in reconstruction_segments(fg)] == [
+        ["stem_0", "blocks_0_conv1_0", "blocks_0_conv2_0", "add"],
+        ["blocks_1_conv1_0", "blocks_1_conv2_0", "blocks_1_skip_0", "add_1"],
+        ["blocks_2_conv1_0", "blocks_2_conv2_0", "blocks_2_skip_0", "add_2"],
+        ["pool", "flatten", "fc"]]
+
+
+def test_block_reconstruction_lowers_the_loss_and_keeps_frozen_groups(mnist):
+    import copy
+
+    from qftsim.qft import QftConfig, reconstruct_blocks
+
+    x = mnist[0][:128]
+    net = reference_network("resnet")
+    _, report = quantize_graph(net, x, "npu-a8w4", epochs=0, dataset_size=128, reconstruction_steps=20,
+                               progress=False)
+    assert [row["block"] for row in report["reconstruction"]] == ["add", "add_1", "add_2", "fc"]
+    assert report["final_loss"] == report["reconstructed_loss"] < report["init_losses"][report["chosen_init"]]
+    start, _ = quantize_graph(net, x, "npu-a8w4", method="rtn", dataset_size=128)
+    trained = copy.deepcopy(start)
+    reconstruct_blocks(trained, x, QftConfig(reconstruction_steps=5, progress=False, freeze=("weights",)))
+    assert all(torch.equal(w, start.weight[k]) for k, w in trained.weight.items())
+    assert any(not torch.equal(b, start.bias[k]) for k, b in trained.bias.items())
+
+
 class _Odd(nn.Module):
     def __init__(self):
         super().__init__()
