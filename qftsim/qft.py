@@ -425,10 +425,10 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
     """Block-wise reconstruction (BRECQ, Li et al. 2021): for each block in order, train its unfrozen DoFs
     so that its output, fed the exact outputs of the blocks before it, matches the float graph's (l2rel).
 
-    A block sees whole feature maps as targets, far more signal per calibration image than the network's
-    output: at 4-bit weights it finds roundings that cancel (depthwise filters) where end-to-end training
-    on a few images overfits. Every process of a data-parallel run does the same work on all the data,
-    so they agree without communicating. Returns each block's last node and its loss before and after."""
+    A block sees whole feature maps as targets, more signal per calibration image than the network's
+    output (on EfficientNet-Lite0 at 4-bit weights it helped on a selection run and not on the full one:
+    benchmarks/RESULTS.md). Every process of a data-parallel run does the same work on all the data, so
+    they agree without communicating. Returns each block's last node and its first and last step's loss."""
     rates = dataclasses.replace(cfg, learning_rate=cfg.reconstruction_lr, lr_unit="step", scale_lr_factor=1.0)
     device = torch.device(cfg.device)
     nodes = qg.fg.nodes
