@@ -455,10 +455,9 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
             qg.to(device).train()
             for _ in range(cfg.reconstruction_steps):
                 idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
-                env = {name: t[idx].to(device) for name, t in exact.items()}
-                for n in segment:
-                    env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
-                loss = loss_fn("l2rel", qg.dequantize(out, env[out]), target[idx].to(device))
+                got = _segment_output(segment, {name: t[idx].to(device) for name, t in exact.items()},
+                                      qg.node_forward)
+                loss = loss_fn("l2rel", qg.dequantize(out, got), target[idx].to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -485,13 +484,16 @@ def _cosine(optimizer: torch.optim.Optimizer, total: int):
 def _run_segment(segment: list[FNode], env: dict[str, torch.Tensor], op, dtype, chunk: int = 64) -> torch.Tensor:
     """The segment's last output by op(node, inputs) over all samples, in chunks computed in `dtype` and
     stored in float32 (integers of up to 24 bits are exact there)."""
-    parts = []
-    for i in range(0, len(next(iter(env.values()))), chunk):
-        local = {name: t[i:i + chunk].to(dtype) for name, t in env.items()}
-        for n in segment:
-            local[n.name] = op(n, [local[s] for s in n.inputs])
-        parts.append(local[segment[-1].name].float())
-    return torch.cat(parts)
+    count = len(next(iter(env.values())))
+    return torch.cat([_segment_output(segment, {name: t[i:i + chunk].to(dtype) for name, t in env.items()}, op).float()
+                      for i in range(0, count, chunk)])
+
+
+def _segment_output(segment: list[FNode], env: dict[str, torch.Tensor], op) -> torch.Tensor:
+    """The last output of `segment`, each node computed by op(node, inputs) from `env` (which it extends)."""
+    for n in segment:
+        env[n.name] = op(n, [env[s] for s in n.inputs])
+    return env[segment[-1].name]
 
 
 @torch.no_grad()
