@@ -57,21 +57,31 @@ def split_photos(folder: Path, calibration_share: float = 1 / 3, seed: int = 0):
     return load[:n_cal], load[n_cal:]
 
 
-def random_crops(photos: list[np.ndarray], count: int, seed: int, flip: bool,
+def random_crops(photos: list[np.ndarray], count: int, seed: int, flip: bool, mixup: float = 0.0,
                  scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """`count` random resized crops (photos taken in turn), as (N, 3, 224, 224) floats in [-1, 1]."""
+    """`count` random resized crops (photos taken in turn), as (N, 3, 224, 224) floats in [-1, 1].
+
+    mixup: the share of crops blended with a crop of another photo, by a weight uniform in [0, 1]
+    (Beyer et al. 2022: distillation from few images generalises better on such blends)."""
     rng = np.random.default_rng(seed)
-    out = np.empty((count, SIZE, SIZE, 3), dtype=np.uint8)
-    for i in range(count):
-        photo = photos[i % len(photos)]
+
+    def crop(photo: np.ndarray) -> np.ndarray:
         h, w = photo.shape[:2]
         area = h * w * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(*np.log(ratio)))
         ch, cw = min(h, round(np.sqrt(area / aspect))), min(w, round(np.sqrt(area * aspect)))
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((SIZE, SIZE), Image.BILINEAR)
-        out[i] = np.asarray(crop)[:, ::-1] if flip and rng.random() < 0.5 else np.asarray(crop)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        image = np.asarray(Image.fromarray(photo[top:top + ch, left:left + cw]).resize((SIZE, SIZE), Image.BILINEAR))
+        return image[:, ::-1] if flip and rng.random() < 0.5 else image
+
+    out = np.empty((count, SIZE, SIZE, 3), dtype=np.float32)
+    for i in range(count):
+        out[i] = crop(photos[i % len(photos)])
+        if mixup and len(photos) > 1 and rng.random() < mixup:
+            other = photos[(i + rng.integers(1, len(photos))) % len(photos)]
+            weight = rng.uniform()
+            out[i] = weight * out[i] + (1 - weight) * crop(other)
+    return torch.from_numpy(out).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -109,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(BASELINES + ("qft",)))
     ap.add_argument("--ablations", action="store_true", help="also QFT with each DoF group frozen in turn")
     ap.add_argument("--calibration", type=int, default=1024, help="calibration crops")
+    ap.add_argument("--mixup", type=float, default=0.0,
+                    help="share of calibration crops blended with a crop of another calibration photo")
     ap.add_argument("--evaluation", type=int, default=1000, help="evaluation crops")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--loss", default="kl", help="QFT's loss on the logits (l2rel, l2, kl, ce)")
@@ -139,14 +151,14 @@ def main(argv=None):
     build_pool(folder, bundled_only=args.smoke)
     calibration_photos, evaluation_photos = split_photos(folder)
     clock = time.perf_counter()
-    calib = random_crops(calibration_photos, args.calibration, seed=1, flip=True)
+    calib = random_crops(calibration_photos, args.calibration, seed=1, flip=True, mixup=args.mixup)
     evaluation = random_crops(evaluation_photos, args.evaluation, seed=2, flip=False)
     net = efficientnet_lite0()
     teacher_calib = batched(net, calib).float()
     teacher_eval = batched(net, evaluation)
     confident = int((teacher_eval.softmax(1).max(1).values > 0.5).sum())
     print(f"# EfficientNet-Lite0, {platform.machine()} {torch.get_num_threads()} threads; "
-          f"{len(calibration_photos)} calibration photos -> {args.calibration} crops, "
+          f"{len(calibration_photos)} calibration photos -> {args.calibration} crops (mixup {args.mixup:g}), "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
           f"(scales x{args.scale_lr_factor:g}), unit {args.lr_unit}, batch {args.batch_size}, "
