@@ -141,6 +141,8 @@ def main(argv=None):
                          "one epoch, int8-default")
     ap.add_argument("--photos", type=Path, default=None, help="photo pool folder (default: the cache)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.mixup <= 1.0:
+        ap.error(f"--mixup is a share of the crops, in [0, 1]; got {args.mixup:g}")
     if args.quick:
         args.calibration, args.evaluation, args.epochs = 256, 200, 1
         args.reconstruction_steps = min(args.reconstruction_steps, 25)
