@@ -116,7 +116,7 @@ def simulator(model, q: np.ndarray) -> np.ndarray:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profiles", default="int8-default,npu-a8w4")
+    ap.add_argument("--profiles", default="int8-default,npu-a8w4,int8-default-w4")
     ap.add_argument("--methods", default=",".join(BASELINES + ("qft",)))
     ap.add_argument("--ablations", action="store_true", help="also QFT with each DoF group frozen in turn")
     ap.add_argument("--calibration", type=int, default=4096, help="calibration crops")

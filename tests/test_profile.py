@@ -13,7 +13,7 @@ from qftsim.cli import main
 from qftsim.profile import HardwareProfile
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ["int8-default", "tflite-int8", "cmsis-nn", "npu-a8w4", "fpga-w4a4-pow2-acc16"]
+SHIPPED = ["int8-default", "tflite-int8", "cmsis-nn", "npu-a8w4", "fpga-w4a4-pow2-acc16", "int8-default-w4"]
 
 
 def test_shipped_profiles_load():
@@ -36,6 +36,10 @@ def test_shipped_profile_arithmetic():
     fpga = load_profile("fpga-w4a4-pow2-acc16")
     assert fpga.requant.scheme == "shift_only" and fpga.accumulator.guarantee == "a2q"
     assert fpga.accumulator.bits == 16 and fpga.weights.scale == "power_of_two"
+    w4, int8 = load_profile("int8-default-w4").to_dict(), load_profile("int8-default").to_dict()
+    assert (w4["weights"]["bits"], w4["weights"]["narrow"]) == (4, True)
+    assert {k for k in w4 if w4[k] != int8[k]} == {"name", "description", "weights"}
+    assert {k for k in w4["weights"] if w4["weights"][k] != int8["weights"][k]} == {"bits"}
 
 
 def _base():
