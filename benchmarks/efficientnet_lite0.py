@@ -167,13 +167,15 @@ def main(argv=None):
           f"(scales x{args.scale_lr_factor:g}), unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
           f"{args.reconstruction_lr:g}; float teacher {time.perf_counter() - clock:.0f} s")
-    print(f"{'profile':15s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
+    profiles = args.profiles.split(",")
+    width = max(len("profile"), *map(len, profiles))
+    print(f"{'profile':{width}s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
           f"{'seconds':>7s}  check")
     methods = args.methods.split(",")
     loss_layers = block_outputs(net, args.block_loss)
     if args.ablations:
         methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
-    for profile in args.profiles.split(","):
+    for profile in profiles:
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
@@ -189,7 +191,7 @@ def main(argv=None):
             ints = integer_outputs(model, evaluation, simulator)
             check = exactness_check(qg, model, evaluation, ints, args.no_compile) if method == "qft" else ""
             f = fidelity(teacher_eval, torch.from_numpy(model.node(model.outputs[0]).quant.dequantize(ints.numpy())))
-            print(f"{profile:15s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
+            print(f"{profile:{width}s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
                   f"{f['kl']:7.4f} {seconds:7.0f}  {check}", flush=True)
             if "chosen_init" in report:
                 print(f"#   {method} started from {report['chosen_init']} (calibration losses: "
