@@ -131,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--lr-unit", default="step", help="absolute, or step: rates in quantization steps")
     ap.add_argument("--block-loss", type=float, default=10.0,
                     help="also this factor times l2rel on each block's output, divided by the block count")
+    ap.add_argument("--init", default="best",
+                    help="QFT's start: best (try every closed-form method, most of QFT's set-up time), or one")
     ap.add_argument("--reconstruction-steps", type=int, default=0,
                     help="QFT's block-wise reconstruction steps per block before finetuning")
     ap.add_argument("--reconstruction-lr", type=float, default=5e-2, help="their rate, in quantization steps")
@@ -166,7 +168,7 @@ def main(argv=None):
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
           f"(scales x{args.scale_lr_factor:g}), unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
-          f"{args.reconstruction_lr:g}; float teacher {time.perf_counter() - clock:.0f} s")
+          f"{args.reconstruction_lr:g}, init {args.init}; float teacher {time.perf_counter() - clock:.0f} s")
     profiles = args.profiles.split(",")
     width = max(len("profile"), *map(len, profiles))
     print(f"{'profile':{width}s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
@@ -180,7 +182,8 @@ def main(argv=None):
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
                      "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": loss_layers,
-                     "reconstruction_steps": args.reconstruction_steps, "reconstruction_lr": args.reconstruction_lr}
+                     "reconstruction_steps": args.reconstruction_steps, "reconstruction_lr": args.reconstruction_lr,
+                     "init": args.init}
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()

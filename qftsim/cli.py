@@ -221,7 +221,7 @@ def _quantize(args) -> int:
                                      learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
                                      loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
                                      reconstruction_steps=args.reconstruction_steps,
-                                     reconstruction_lr=args.reconstruction_lr,
+                                     reconstruction_lr=args.reconstruction_lr, init=args.init,
                                      device=device, progress=not args.quiet and rank == 0)
     if rank != 0:  # every process holds the same model; the first one writes it
         return EXIT_OK
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--std", default="1", help="images: per-channel std to divide by")
     quant.add_argument("--profile", default="int8-default")
     quant.add_argument("--method", default="qft", help="qft, or rtn/mse/cle/bias_correction joined by +")
+    quant.add_argument("--init", default="best",
+                       help="QFT's start: best (try every closed-form method), or one, e.g. rtn+bias_correction")
     quant.add_argument("--epochs", type=int, default=4)
     quant.add_argument("--dataset-size", type=int, default=1024)
     quant.add_argument("--batch-size", type=int, default=32)

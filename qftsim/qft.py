@@ -46,6 +46,10 @@ class QftConfig:
     # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
     lr_unit: str = "absolute"
     loss: str = "l2rel"
+    # QFT's start: "best" tries every closed-form method (min-max or MSE ranges, with or without CLE, each with
+    # and without bias correction) and keeps the one of lowest loss; a method name (e.g. "rtn+bias_correction")
+    # starts from that one alone, skipping the search (most of QFT's set-up time on large networks)
+    init: str = "best"
     # BRECQ-style reconstruction before the joint finetuning: block by block in order, this many Adam steps
     # that match each block's output to the float graph's, fed the quantized blocks before it (0: none).
     # Its rate is in quantization steps (weights, biases) and absolute for the log-scales
@@ -63,6 +67,8 @@ class QftConfig:
             raise QftsimError(f"lr_unit {self.lr_unit!r}; accepted: {', '.join(LR_UNITS)}")
         if self.loss not in LOSSES:
             raise QftsimError(f"loss {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        if self.init != "best":
+            check_method(self.init, "init")
         bad = [g for g in self.freeze if g not in DOF_GROUPS]
         if bad:
             raise QftsimError(f"cannot freeze {bad[0]!r}; DoF groups: {', '.join(DOF_GROUPS)}")
@@ -120,13 +126,15 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         inits = {}
         # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without
         # bias correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit
-        # weights: cle+bias_correction with min-max ranges, far ahead of the MSE-range candidates)
+        # weights: rtn+bias_correction and cle+bias_correction, far ahead of the MSE-range candidates)
         bases = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else [])
-        for base in bases:
+        for base in bases if cfg.init == "best" else ():
             inits[base] = initialize(fg, profile, data, base, cfg)
             corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
             correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
             inits[f"{base}+bias_correction"] = corrected
+        if cfg.init != "best":
+            inits[cfg.init] = initialize(fg, profile, data, cfg.init, cfg)
         losses = {c: evaluate_loss(q, data, teacher, cfg) for c, q in inits.items()}
         chosen = min(losses, key=losses.get)
         report.update(init_losses=losses, chosen_init=chosen)
@@ -196,10 +204,7 @@ def _teacher(model: nn.Module, data: torch.Tensor, batch: int) -> torch.Tensor:
 
 def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method: str, cfg: QftConfig) -> QGraph:
     """A QGraph set up by closed-form methods: rtn (min-max), mse ranges, cle, bias_correction."""
-    parts = method.split("+")
-    bad = [p for p in parts if p not in METHOD_PARTS]
-    if bad:
-        raise QftsimError(f"unknown method {bad[0]!r}; use qft or parts of {', '.join(METHOD_PARTS)} joined by +")
+    parts = check_method(method)
     fg = copy.deepcopy(fg)
     if "cle" in parts:
         equalize(fg)
@@ -212,6 +217,16 @@ def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method:
         correct_biases(qg, fg, sample)
     qg.eval()
     return qg
+
+
+def check_method(method: str, what: str = "method") -> list[str]:
+    """The parts of a closed-form method name ("cle+bias_correction"), or a clear error."""
+    parts = method.split("+")
+    bad = [p for p in parts if p not in METHOD_PARTS]
+    if bad:
+        use = "qft or parts" if what == "method" else "best or parts"
+        raise QftsimError(f"unknown {what} {bad[0]!r}; use {use} of {', '.join(METHOD_PARTS)} joined by +")
+    return parts
 
 
 def equalize(fg: FGraph) -> None:

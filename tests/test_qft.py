@@ -65,6 +65,19 @@ def test_same_seed_same_bytes(mnist):
     assert a.to_bytes() == b.to_bytes()
 
 
+def test_a_given_init_skips_the_search_and_trains_the_same(mnist):
+    x = mnist[0][:128]
+    net = reference_network("mobilenetv2")
+    searched, report = quantize(net, x, "npu-a8w4", epochs=1, dataset_size=128, progress=False)
+    assert len(report["init_losses"]) == 8
+    given, given_report = quantize(net, x, "npu-a8w4", epochs=1, dataset_size=128, progress=False,
+                                   init=report["chosen_init"])
+    assert given_report["init_losses"] == {report["chosen_init"]: report["init_losses"][report["chosen_init"]]}
+    assert given.to_bytes() == searched.to_bytes()
+    with pytest.raises(QftsimError, match="unknown init 'adaround'"):
+        quantize(net, x, "npu-a8w4", progress=False, init="rtn+adaround")
+
+
 def test_freezing_a_group_keeps_it(mnist):
     import copy
 
