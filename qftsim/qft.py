@@ -127,13 +127,13 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without
         # bias correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit
         # weights: rtn+bias_correction and cle+bias_correction, far ahead of the MSE-range candidates)
-        bases = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else [])
-        for base in bases if cfg.init == "best" else ():
-            inits[base] = initialize(fg, profile, data, base, cfg)
-            corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
-            correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
-            inits[f"{base}+bias_correction"] = corrected
-        if cfg.init != "best":
+        if cfg.init == "best":
+            for base in ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else []):
+                inits[base] = initialize(fg, profile, data, base, cfg)
+                corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
+                correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
+                inits[f"{base}+bias_correction"] = corrected
+        else:
             inits[cfg.init] = initialize(fg, profile, data, cfg.init, cfg)
         losses = {c: evaluate_loss(q, data, teacher, cfg) for c, q in inits.items()}
         chosen = min(losses, key=losses.get)
