@@ -127,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--loss", default="kl", help="QFT's loss on the logits (l2rel, l2, kl, ce)")
     ap.add_argument("--learning-rate", type=float, default=2e-3, help="QFT's learning rate of weights and biases")
     ap.add_argument("--scale-lr-factor", type=float, default=0.1, help="scales' learning rate / --learning-rate")
+    ap.add_argument("--weight-scale-lr-factor", type=float, default=None,
+                    help="the weight scales' own factor (default: --scale-lr-factor)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr-unit", default="step", help="absolute, or step: rates in quantization steps")
     ap.add_argument("--block-loss", type=float, default=10.0,
@@ -137,6 +139,8 @@ def main(argv=None):
                     help="QFT's block-wise reconstruction steps per block before finetuning")
     ap.add_argument("--reconstruction-lr", type=float, default=5e-2, help="their rate, in quantization steps")
     ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip QFT's eval-mode and compiled checks (about 10 minutes): for exploratory runs")
     ap.add_argument("--quick", action="store_true",
                     help="256 calibration / 200 evaluation crops, at most 25 reconstruction steps, one epoch")
     ap.add_argument("--smoke", action="store_true",
@@ -166,7 +170,9 @@ def main(argv=None):
           f"{len(calibration_photos)} calibration photos -> {args.calibration} crops (mixup {args.mixup:g}), "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
-          f"(scales x{args.scale_lr_factor:g}), unit {args.lr_unit}, batch {args.batch_size}, "
+          f"(scales x{args.scale_lr_factor:g}"
+          + ("" if args.weight_scale_lr_factor is None else f", weight scales x{args.weight_scale_lr_factor:g}")
+          + f"), unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
           f"{args.reconstruction_lr:g}, init {args.init}; float teacher {time.perf_counter() - clock:.0f} s")
     profiles = args.profiles.split(",")
@@ -181,6 +187,7 @@ def main(argv=None):
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
+                     "weight_scale_lr_factor": args.weight_scale_lr_factor,
                      "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": loss_layers,
                      "reconstruction_steps": args.reconstruction_steps, "reconstruction_lr": args.reconstruction_lr,
                      "init": args.init}
@@ -192,7 +199,8 @@ def main(argv=None):
             model = qg.integerize()
             seconds = time.perf_counter() - clock
             ints = integer_outputs(model, evaluation, simulator)
-            check = exactness_check(qg, model, evaluation, ints, args.no_compile) if method == "qft" else ""
+            check = (exactness_check(qg, model, evaluation, ints, args.no_compile)
+                     if method == "qft" and not args.no_check else "")
             f = fidelity(teacher_eval, torch.from_numpy(model.node(model.outputs[0]).quant.dequantize(ints.numpy())))
             print(f"{profile:{width}s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
                   f"{f['kl']:7.4f} {seconds:7.0f}  {check}", flush=True)

@@ -41,6 +41,9 @@ class QftConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
+    # the per-channel weight scales' own factor (None: scale_lr_factor). At 8-bit weights a log-scale step moves
+    # the largest integer weight 18x as many quantization steps as at 4-bit, so one rate rarely suits both
+    weight_scale_lr_factor: float | None = None
     # "absolute": weights and biases move by about learning_rate per step (Adam). "step": in quantization
     # steps: a layer's weights by learning_rate x its mean weight step, its bias by learning_rate x its
     # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
@@ -444,7 +447,8 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
     output (on EfficientNet-Lite0 at 4-bit weights it helped on a selection run and not on the full one:
     benchmarks/RESULTS.md). Every process of a data-parallel run does the same work on all the data, so
     they agree without communicating. Returns each block's last node and its first and last step's loss."""
-    rates = dataclasses.replace(cfg, learning_rate=cfg.reconstruction_lr, lr_unit="step", scale_lr_factor=1.0)
+    rates = dataclasses.replace(cfg, learning_rate=cfg.reconstruction_lr, lr_unit="step", scale_lr_factor=1.0,
+                                weight_scale_lr_factor=None)
     device = torch.device(cfg.device)
     nodes = qg.fg.nodes
     qg.eval()
@@ -517,6 +521,7 @@ def _param_groups(qg: QGraph, cfg: QftConfig, nodes=None) -> list[dict]:
     at its learning rate (QftConfig.lr_unit)."""
     step = cfg.lr_unit == "step"
     scale_lr = cfg.learning_rate * cfg.scale_lr_factor
+    weight_scale_lr = scale_lr if cfg.weight_scale_lr_factor is None else cfg.learning_rate * cfg.weight_scale_lr_factor
     groups = []
 
     def add(dof: str, param: nn.Parameter, lr: float) -> None:
@@ -528,7 +533,7 @@ def _param_groups(qg: QGraph, cfg: QftConfig, nodes=None) -> list[dict]:
         if n.kind in ("conv", "linear"):
             add("weights", qg.weight[k], cfg.learning_rate * (float(qg.weight_scale(n).mean()) if step else 1.0))
             add("biases", qg.bias[k], cfg.learning_rate * (float(qg.act_scale(n.name)) if step else 1.0))
-            add("weight_scales", qg.log_weight_scale[k], scale_lr)
+            add("weight_scales", qg.log_weight_scale[k], weight_scale_lr)
         if qg.quant_source[n.name] == n.name:
             add("act_scales", qg.log_act_scale[k], scale_lr)
         if k in qg.log_equalization:

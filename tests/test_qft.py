@@ -157,6 +157,7 @@ def test_errors_before_training(mnist):
 
 
 def test_step_learning_rates_are_in_each_layers_quantization_steps(mnist):
+    """Weights and biases in quantization steps; log-scales at learning_rate x their factor."""
     from qftsim.qft import QftConfig, _param_groups
     from qftsim.qgraph import _key
 
@@ -167,6 +168,13 @@ def test_step_learning_rates_are_in_each_layers_quantization_steps(mnist):
             k = _key(n.name)
             assert rates[id(qgraph.weight[k])] == pytest.approx(0.01 * float(qgraph.weight_scale(n).detach().mean()))
             assert rates[id(qgraph.bias[k])] == pytest.approx(0.01 * float(qgraph.act_scale(n.name).detach()))
+            assert rates[id(qgraph.log_weight_scale[k])] == pytest.approx(0.01 * 10.0)  # scale_lr_factor's default
+    own = QftConfig(lr_unit="step", learning_rate=0.01, scale_lr_factor=0.1, weight_scale_lr_factor=0.02)
+    rates = {id(g["params"][0]): g["lr"] for g in _param_groups(qgraph, own)}
+    for n in qgraph.fg.nodes:
+        if n.kind == "conv":  # the weight scales at their own factor, the activation scales at scale_lr_factor
+            assert rates[id(qgraph.log_weight_scale[_key(n.name)])] == pytest.approx(0.01 * 0.02)
+            assert rates[id(qgraph.log_act_scale[_key(n.name)])] == pytest.approx(0.01 * 0.1)
     with pytest.raises(QftsimError, match="lr_unit 'steps'"):
         quantize(reference_network("resnet"), mnist[0][:8], "int8-default", lr_unit="steps")
 
