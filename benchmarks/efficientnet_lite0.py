@@ -138,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--reconstruction-steps", type=int, default=0,
                     help="QFT's block-wise reconstruction steps per block before finetuning")
     ap.add_argument("--reconstruction-lr", type=float, default=5e-2, help="their rate, in quantization steps")
+    ap.add_argument("--seed", type=int, default=0, help="QFT's seed (the order of its batches); the crops are fixed")
     ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
     ap.add_argument("--no-check", action="store_true",
                     help="skip QFT's eval-mode and compiled checks (about 10 minutes): for exploratory runs")
@@ -174,7 +175,8 @@ def main(argv=None):
           + ("" if args.weight_scale_lr_factor is None else f", weight scales x{args.weight_scale_lr_factor:g}")
           + f"), unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
-          f"{args.reconstruction_lr:g}, init {args.init}; float teacher {time.perf_counter() - clock:.0f} s")
+          f"{args.reconstruction_lr:g}, init {args.init}"
+          + ("" if args.seed == 0 else f", seed {args.seed}") + f"; float teacher {time.perf_counter() - clock:.0f} s")
     profiles = args.profiles.split(",")
     width = max(len("profile"), *map(len, profiles))
     print(f"{'profile':{width}s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
@@ -190,7 +192,7 @@ def main(argv=None):
                      "weight_scale_lr_factor": args.weight_scale_lr_factor,
                      "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": loss_layers,
                      "reconstruction_steps": args.reconstruction_steps, "reconstruction_lr": args.reconstruction_lr,
-                     "init": args.init}
+                     "init": args.init, "seed": args.seed}
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()
