@@ -41,8 +41,9 @@ class QftConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
-    # the per-channel weight scales' own factor (None: scale_lr_factor). At 8-bit weights a log-scale step moves
-    # the largest integer weight 18x as many quantization steps as at 4-bit, so one rate rarely suits both
+    # the weight scales' own factor (None: scale_lr_factor). A log-scale step moves the largest integer weight
+    # 18x as many quantization steps at 8 bits as at 4; on EfficientNet-Lite0 a 10x lower factor for the weight
+    # scales did worse at both widths (benchmarks/RESULTS.md), so by default they follow scale_lr_factor
     weight_scale_lr_factor: float | None = None
     # "absolute": weights and biases move by about learning_rate per step (Adam). "step": in quantization
     # steps: a layer's weights by learning_rate x its mean weight step, its bias by learning_rate x its
