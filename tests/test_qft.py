@@ -162,15 +162,19 @@ def test_step_learning_rates_are_in_each_layers_quantization_steps(mnist):
     from qftsim.qgraph import _key
 
     qgraph, _ = quantize_graph(reference_network("resnet"), mnist[0][:64], "npu-a8w4", method="rtn")
-    rates = {id(g["params"][0]): g["lr"] for g in _param_groups(qgraph, QftConfig(lr_unit="step", learning_rate=0.01))}
+
+    def rates_by_parameter(cfg):
+        return {id(g["params"][0]): g["lr"] for g in _param_groups(qgraph, cfg)}
+
+    rates = rates_by_parameter(QftConfig(lr_unit="step", learning_rate=0.01))
     for n in qgraph.fg.nodes:
         if n.kind == "conv":
             k = _key(n.name)
             assert rates[id(qgraph.weight[k])] == pytest.approx(0.01 * float(qgraph.weight_scale(n).detach().mean()))
             assert rates[id(qgraph.bias[k])] == pytest.approx(0.01 * float(qgraph.act_scale(n.name).detach()))
             assert rates[id(qgraph.log_weight_scale[k])] == pytest.approx(0.01 * 10.0)  # scale_lr_factor's default
-    own = QftConfig(lr_unit="step", learning_rate=0.01, scale_lr_factor=0.1, weight_scale_lr_factor=0.02)
-    rates = {id(g["params"][0]): g["lr"] for g in _param_groups(qgraph, own)}
+    rates = rates_by_parameter(QftConfig(lr_unit="step", learning_rate=0.01, scale_lr_factor=0.1,
+                                         weight_scale_lr_factor=0.02))
     for n in qgraph.fg.nodes:
         if n.kind == "conv":  # the weight scales at their own factor, the activation scales at scale_lr_factor
             assert rates[id(qgraph.log_weight_scale[_key(n.name)])] == pytest.approx(0.01 * 0.02)
