@@ -79,6 +79,10 @@ class QftConfig:
         for key in ("epochs", "dataset_size", "batch_size", "reconstruction_steps"):
             if getattr(self, key) < (0 if key in ("epochs", "reconstruction_steps") else 1):
                 raise QftsimError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("learning_rate", "scale_lr_factor", "weight_scale_lr_factor", "reconstruction_lr"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise QftsimError(f"{key} must be a finite rate >= 0, got {value}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QftsimError("device cuda requested but torch sees no CUDA device")
 

@@ -148,6 +148,10 @@ def test_errors_before_training(mnist):
         quantize(reference_network("resnet"), torch.zeros(4, 3, 28, 28), "int8-default")
     with pytest.raises(QftsimError, match="unknown knob 'epoch'"):
         quantize(reference_network("resnet"), x, "int8-default", epoch=3)
+    with pytest.raises(QftsimError, match="scale_lr_factor must be a finite rate >= 0, got -0.1"):
+        quantize(reference_network("resnet"), x, "int8-default", scale_lr_factor=-0.1)
+    with pytest.raises(QftsimError, match="learning_rate must be a finite rate >= 0, got nan"):
+        quantize(reference_network("resnet"), x, "int8-default", learning_rate=float("nan"))
     with pytest.raises(QftsimError, match="cannot freeze"):
         quantize(reference_network("resnet"), x, "int8-default", freeze=("everything",))
     with pytest.raises(QftsimError, match="unknown method"):
