@@ -16,10 +16,10 @@ the simulator's; for QFT the eval-mode QGraph and the TVM-compiled model
 run too and must give identical outputs.
 
 QFT's defaults here are the settings that did best on this network's full
-evaluation so far (see RESULTS.md): the KL loss, block-output losses,
-rates in quantization steps, scales at a tenth of the weights' rate, a
-block-output loss of weight 100 (10 and 1000 did worse at 4-bit weights), and
-4096 calibration crops seen once (rather than 1024 seen four times).
+evaluation so far (see RESULTS.md): the KL loss, block-output losses of
+weight 100 (10 and 1000 did worse at 4-bit weights), rates in quantization
+steps, scales at a tenth of the weights' rate, and 4096 calibration crops
+seen once (rather than 1024 seen four times).
 Block-wise reconstruction before the finetuning (--reconstruction-steps) is
 off by default: in one full run it did worse than these settings alone,
 though it did better on a smaller selection run.
