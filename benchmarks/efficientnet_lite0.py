@@ -130,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--scale-lr-factor", type=float, default=0.1, help="scales' learning rate / --learning-rate")
     ap.add_argument("--weight-scale-lr-factor", type=float, default=None,
                     help="the weight scales' own factor (default: --scale-lr-factor)")
+    ap.add_argument("--weight-scales-as-gains", choices=("auto", "yes", "no"), default="auto",
+                    help="train weight scales as gains that keep their integer weights (auto: at 8+ bit weights)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr-unit", default="step", help="absolute, or step: rates in quantization steps")
     ap.add_argument("--block-loss", type=float, default=100.0,
@@ -174,7 +176,7 @@ def main(argv=None):
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
           f"(scales x{args.scale_lr_factor:g}"
           + ("" if args.weight_scale_lr_factor is None else f", weight scales x{args.weight_scale_lr_factor:g}")
-          + f"), unit {args.lr_unit}, batch {args.batch_size}, "
+          + f"), weight scales as gains {args.weight_scales_as_gains}, unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
           f"{args.reconstruction_lr:g}, init {args.init}"
           + ("" if args.seed == 0 else f", seed {args.seed}") + f"; float teacher {time.perf_counter() - clock:.0f} s")
@@ -191,6 +193,7 @@ def main(argv=None):
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.calibration, "loss": args.loss,
                      "learning_rate": args.learning_rate, "scale_lr_factor": args.scale_lr_factor,
                      "weight_scale_lr_factor": args.weight_scale_lr_factor,
+                     "weight_scales_as_gains": {"auto": None, "yes": True, "no": False}[args.weight_scales_as_gains],
                      "batch_size": args.batch_size, "lr_unit": args.lr_unit, "loss_layers": loss_layers,
                      "reconstruction_steps": args.reconstruction_steps, "reconstruction_lr": args.reconstruction_lr,
                      "init": args.init, "seed": args.seed}

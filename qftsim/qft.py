@@ -41,10 +41,11 @@ class QftConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
-    # the weight scales' own factor (None: scale_lr_factor). A log-scale step moves the largest integer weight
-    # 18x as many quantization steps at 8 bits as at 4; on EfficientNet-Lite0 a 10x lower factor for the weight
-    # scales did worse at both widths (benchmarks/RESULTS.md), so by default they follow scale_lr_factor
-    weight_scale_lr_factor: float | None = None
+    weight_scale_lr_factor: float | None = None  # the weight scales' own factor (None: scale_lr_factor)
+    # True: a weight scale trains as its channel's gain, carrying its integer weights along
+    # (QGraph.hold_integer_weights); False: each of its steps also re-rounds them. None: True where weights
+    # have 8 bits or more (EfficientNet-Lite0: better at 8 bits, worse at 4; benchmarks/RESULTS.md)
+    weight_scales_as_gains: bool | None = None
     # "absolute": weights and biases move by about learning_rate per step (Adam). "step": in quantization
     # steps: a layer's weights by learning_rate x its mean weight step, its bias by learning_rate x its
     # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
@@ -83,6 +84,9 @@ class QftConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise QftsimError(f"{key} must be a finite rate >= 0, got {value}")
+        if self.weight_scales_as_gains not in (None, True, False):
+            raise QftsimError("weight_scales_as_gains must be True, False or None, "
+                              f"got {self.weight_scales_as_gains!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QftsimError("device cuda requested but torch sees no CUDA device")
 
@@ -392,6 +396,7 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     if not param_groups or cfg.epochs == 0:
         return []
     _train_only(qg, param_groups)
+    _train_scales_as(qg, cfg)
     optimizer = torch.optim.Adam(param_groups)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -418,8 +423,7 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
                         if p.grad is not None:
                             dist.all_reduce(p.grad)
                             p.grad /= dist.get_world_size()
-            optimizer.step()
-            schedule.step()
+            _step(qg, optimizer, schedule)
             curve.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
@@ -472,6 +476,7 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
         target = _run_segment(segment, real, float_op, torch.float32)
         param_groups = _param_groups(qg, rates, segment)
         _train_only(qg, param_groups)
+        _train_scales_as(qg, cfg)
         curve = []
         if param_groups:
             optimizer = torch.optim.Adam(param_groups)
@@ -484,8 +489,7 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
                 loss = loss_fn("l2rel", qg.dequantize(out, got), target[idx].to(device))
                 optimizer.zero_grad()
                 loss.backward()
-                optimizer.step()
-                schedule.step()
+                _step(qg, optimizer, schedule)
                 curve.append(float(loss.detach()))
                 bar.update(1)
             qg.eval().to("cpu")
@@ -498,6 +502,21 @@ def reconstruct_blocks(qg: QGraph, data: torch.Tensor, cfg: QftConfig) -> list[d
     for p in qg.parameters():
         p.requires_grad_(True)
     return rows
+
+
+def _train_scales_as(qg: QGraph, cfg: QftConfig) -> None:
+    """Whether `qg` trains its weight scales as gains (QftConfig.weight_scales_as_gains)."""
+    gains = cfg.weight_scales_as_gains
+    qg.weight_scales_as_gains = qg.profile.weights.bits >= 8 if gains is None else gains
+
+
+def _step(qg: QGraph, optimizer: torch.optim.Optimizer, schedule) -> None:
+    """One optimizer and schedule step; weight scales that train as gains carry their integer weights along."""
+    steps = qg.weight_steps() if qg.weight_scales_as_gains else None
+    optimizer.step()
+    schedule.step()
+    if steps is not None:
+        qg.hold_integer_weights(steps)
 
 
 def _cosine(optimizer: torch.optim.Optimizer, total: int):

@@ -117,6 +117,7 @@ class QGraph(nn.Module):
         self.signed: dict[str, bool] = {}
         self.zero_points: dict[str, int] = {}
         self.cle_pairs: dict[str, str] = {}  # consumer -> producer
+        self.weight_scales_as_gains = False  # training only: see hold_integer_weights
         per_channel = profile.weights.per_channel
         for n in fgraph.nodes:
             k = _key(n.name)
@@ -166,7 +167,7 @@ class QGraph(nn.Module):
 
     def weight_scale(self, n: FNode) -> torch.Tensor:
         """Per-output-channel step of the integer weights (A2Q: raised to meet the L1 bound)."""
-        s = self._pow2(self.log_weight_scale[_key(n.name)].exp(), self.profile.weights.scale)
+        s = self.free_weight_scale(n)
         if self.profile.accumulator.guarantee == "a2q":
             limit = self.a2q_limit(n)
             l1 = self.effective_weight(n).abs().flatten(1).sum(1)
@@ -177,6 +178,10 @@ class QGraph(nn.Module):
                 needed = torch.exp2(torch.ceil(torch.log2(needed.clamp(min=1e-30))))
             s = torch.maximum(s, needed.to(s.dtype))
         return s
+
+    def free_weight_scale(self, n: FNode) -> torch.Tensor:
+        """The weight step its parameter sets (power of two where the profile says), before any A2Q bound."""
+        return self._pow2(self.log_weight_scale[_key(n.name)].exp(), self.profile.weights.scale)
 
     def a2q_limit(self, n: FNode) -> float:
         """Largest integer L1 norm per weight row that keeps every partial sum (bias first) in range."""
@@ -210,13 +215,35 @@ class QGraph(nn.Module):
         truncated toward zero instead, which the weight scale keeps within it (A2Q truncates every row,
         with four times the error variance of rounding)."""
         shape = (-1, *([1] * (n.weight.dim() - 1)))
-        w = self.effective_weight(n) / self.weight_scale(n).view(shape)
+        scale = self.weight_scale(n)
+        if self.weight_scales_as_gains:  # its gradient is that of the channel's gain alone (hold_integer_weights)
+            scale = scale.detach()
+        w = self.effective_weight(n) / scale.view(shape)
         bounds = self.profile.weights.qmin, self.profile.weights.qmax
         nearest = torch.clamp(round_ste(w), *bounds)
         if self.profile.accumulator.guarantee != "a2q":
             return nearest
         fits = nearest.detach().abs().flatten(1).sum(1) <= self.a2q_limit(n)
         return torch.where(fits.view(shape), nearest, torch.clamp(trunc_ste(w), *bounds))
+
+    @torch.no_grad()
+    def weight_steps(self) -> dict[str, torch.Tensor]:
+        """Every conv/linear node's free weight step(s), by node name (a copy)."""
+        return {n.name: self.free_weight_scale(n).clone() for n in self.fg.nodes if n.kind in ("conv", "linear")}
+
+    @torch.no_grad()
+    def hold_integer_weights(self, before: dict[str, torch.Tensor]) -> None:
+        """Scale each weight row by its step's change since `before` (weight_steps()): a weight scale that
+        moves is then the channel's gain, and its integer weights stay as they were. (Under A2Q a bound
+        step follows the weights already; only the free step is held, lest the two feed each other.)
+
+        Used in training where `weight_scales_as_gains`, whose integers then move only by their own rate.
+        Otherwise one small step of a log-scale re-rounds the whole row: at 8 bits a change of 0.5% moves
+        the largest integers by 0.6 of a step, a random flip of many weights."""
+        for n in self.fg.nodes:
+            if n.name in before:
+                ratio = self.free_weight_scale(n) / before[n.name]
+                self.weight[_key(n.name)].mul_(ratio.view(-1, *([1] * (n.weight.dim() - 1))))
 
     def bias_range(self) -> tuple[int, int]:
         """The integer range a bias may take (under A2Q, its share of the accumulator)."""

@@ -78,7 +78,8 @@ def test_a_given_init_skips_the_search_and_trains_the_same(mnist):
         quantize(net, x, "npu-a8w4", progress=False, init="rtn+adaround")
 
 
-def test_freezing_a_group_keeps_it(mnist):
+@pytest.mark.parametrize("gains", [None, False])
+def test_freezing_a_group_keeps_it(mnist, gains):
     import copy
 
     from qftsim.qft import QftConfig, finetune
@@ -89,8 +90,15 @@ def test_freezing_a_group_keeps_it(mnist):
     trained = copy.deepcopy(start)
     with torch.no_grad():
         teacher = net(x)
-    finetune(trained, x, teacher, QftConfig(epochs=1, progress=False, freeze=("weights", "act_scales")))
-    assert all(torch.equal(w, start.weight[k]) for k, w in trained.weight.items())
+    finetune(trained, x, teacher, QftConfig(epochs=1, progress=False, freeze=("weights", "act_scales"),
+                                            weight_scales_as_gains=gains))
+    layers = [n for n in start.fg.nodes if n.kind in ("conv", "linear")]
+    if gains is None:  # 8-bit weights: the scales are gains, each carrying its row along; the integers stay
+        assert all(torch.equal(trained.int_weight(n), start.int_weight(n)) for n in layers)
+        assert any(not torch.equal(w, start.weight[k]) for k, w in trained.weight.items())
+    else:  # the float weights stay, and the moving scales re-round them
+        assert all(torch.equal(w, start.weight[k]) for k, w in trained.weight.items())
+        assert any(not torch.equal(trained.int_weight(n), start.int_weight(n)) for n in layers)
     assert all(torch.equal(s, start.log_act_scale[k]) for k, s in trained.log_act_scale.items())
     assert any(not torch.equal(b, start.bias[k]) for k, b in trained.bias.items())
     assert any(not torch.equal(s, start.log_weight_scale[k]) for k, s in trained.log_weight_scale.items())
@@ -152,6 +160,8 @@ def test_errors_before_training(mnist):
         quantize(reference_network("resnet"), x, "int8-default", scale_lr_factor=-0.1)
     with pytest.raises(QftsimError, match="learning_rate must be a finite rate >= 0, got nan"):
         quantize(reference_network("resnet"), x, "int8-default", learning_rate=float("nan"))
+    with pytest.raises(QftsimError, match="weight_scales_as_gains must be True, False or None, got 'yes'"):
+        quantize(reference_network("resnet"), x, "int8-default", weight_scales_as_gains="yes")
     with pytest.raises(QftsimError, match="cannot freeze"):
         quantize(reference_network("resnet"), x, "int8-default", freeze=("everything",))
     with pytest.raises(QftsimError, match="unknown method"):
