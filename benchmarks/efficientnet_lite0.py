@@ -19,7 +19,8 @@ QFT's defaults here are the settings that did best on this network's full
 evaluation so far (see RESULTS.md): the KL loss, block-output losses of
 weight 100 (10 and 1000 did worse at 4-bit weights), rates in quantization
 steps, scales at a tenth of the weights' rate, and 4096 calibration crops
-seen once (rather than 1024 seen four times).
+seen once (rather than 1024 seen four times). Weight scales train as gains
+at 8-bit weights, as the product's default says (QftConfig.weight_scales_as_gains).
 Block-wise reconstruction before the finetuning (--reconstruction-steps) is
 off by default: in one full run it did worse than these settings alone,
 though it did better on a smaller selection run.
@@ -28,6 +29,7 @@ though it did better on a smaller selection run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import sys
 import time
@@ -57,6 +59,16 @@ def split_photos(folder: Path, calibration_share: float = 1 / 3, seed: int = 0):
     n_cal = max(1, round(len(names) * calibration_share))
     load = [np.asarray(Image.open(folder / f"{names[i]}.png").convert("RGB")) for i in order]
     return load[:n_cal], load[n_cal:]
+
+
+def pixels_digest(photos: list[np.ndarray]) -> str:
+    """A short sha256 of the photos' decoded pixels in order: runs on different pools (another package version,
+    another image decoder) are told apart in the printed header."""
+    digest = hashlib.sha256()
+    for photo in photos:
+        digest.update(str(photo.shape).encode())
+        digest.update(np.ascontiguousarray(photo).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def random_crops(photos: list[np.ndarray], count: int, seed: int, flip: bool, mixup: float = 0.0,
@@ -163,6 +175,7 @@ def main(argv=None):
     folder = args.photos or (default_cache().with_name("photos-bundled") if args.smoke else default_cache())
     build_pool(folder, bundled_only=args.smoke)
     calibration_photos, evaluation_photos = split_photos(folder)
+    digest = pixels_digest(calibration_photos + evaluation_photos)
     clock = time.perf_counter()
     calib = random_crops(calibration_photos, args.calibration, seed=1, flip=True, mixup=args.mixup)
     evaluation = random_crops(evaluation_photos, args.evaluation, seed=2, flip=False)
@@ -179,7 +192,8 @@ def main(argv=None):
           + f"), weight scales as gains {args.weight_scales_as_gains}, unit {args.lr_unit}, batch {args.batch_size}, "
           f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
           f"{args.reconstruction_lr:g}, init {args.init}"
-          + ("" if args.seed == 0 else f", seed {args.seed}") + f"; float teacher {time.perf_counter() - clock:.0f} s")
+          + ("" if args.seed == 0 else f", seed {args.seed}")
+          + f"; photos sha256 {digest}; float teacher {time.perf_counter() - clock:.0f} s")
     profiles = args.profiles.split(",")
     width = max(len("profile"), *map(len, profiles))
     print(f"{'profile':{width}s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "

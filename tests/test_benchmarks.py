@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts, so they cannot rot (their real runs are not tests)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ def test_efficientnet_lite0_smoke():
     assert [r[1] for r in rows] == ["rtn", "mse", "cle+bias_correction", "qft"], run.stdout
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
     assert "eval-mode == simulator == compiled" in run.stdout
+    assert re.search(r"; photos sha256 [0-9a-f]{12}; ", run.stdout), run.stdout
 
 
 def test_mixup_blends_crops_of_two_photos(monkeypatch):
