@@ -135,6 +135,9 @@ def main(argv=None):
     ap.add_argument("--calibration", type=int, default=4096, help="calibration crops")
     ap.add_argument("--mixup", type=float, default=0.0,
                     help="share of calibration crops blended with a crop of another calibration photo")
+    ap.add_argument("--oracle", action="store_true",
+                    help="diagnostic only: calibration crops from the evaluation photos (other crops of them), to "
+                         "measure how much of the gap to float is generalisation from the calibration photos")
     ap.add_argument("--evaluation", type=int, default=1000, help="evaluation crops")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--loss", default="kl", help="QFT's loss on the logits (l2rel, l2, kl, ce)")
@@ -148,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--lr-unit", default="step", help="absolute, or step: rates in quantization steps")
     ap.add_argument("--block-loss", type=float, default=100.0,
                     help="also this factor times l2rel on each block's output, divided by the block count")
+    ap.add_argument("--loss-on", choices=("blocks", "layers"), default="blocks",
+                    help="the tensors of --block-loss: block outputs, or every conv and add output before the logits")
     ap.add_argument("--init", default="best",
                     help="QFT's start: best (try every closed-form method, most of QFT's set-up time), or one")
     ap.add_argument("--reconstruction-steps", type=int, default=0,
@@ -175,8 +180,10 @@ def main(argv=None):
     folder = args.photos or (default_cache().with_name("photos-bundled") if args.smoke else default_cache())
     build_pool(folder, bundled_only=args.smoke)
     calibration_photos, evaluation_photos = split_photos(folder)
-    digest = pixels_digest(calibration_photos + evaluation_photos)
+    digest = pixels_digest(calibration_photos + evaluation_photos)  # of the split, before any --oracle
     clock = time.perf_counter()
+    if args.oracle:
+        calibration_photos = evaluation_photos
     calib = random_crops(calibration_photos, args.calibration, seed=1, flip=True, mixup=args.mixup)
     evaluation = random_crops(evaluation_photos, args.evaluation, seed=2, flip=False)
     net = efficientnet_lite0()
@@ -184,13 +191,15 @@ def main(argv=None):
     teacher_eval = batched(net, evaluation)
     confident = int((teacher_eval.softmax(1).max(1).values > 0.5).sum())
     print(f"# EfficientNet-Lite0, {platform.machine()} {torch.get_num_threads()} threads; "
-          f"{len(calibration_photos)} calibration photos -> {args.calibration} crops (mixup {args.mixup:g}), "
+          + ("ORACLE (diagnostic): calibration crops from the evaluation photos; " if args.oracle else "")
+          + f"{len(calibration_photos)} calibration photos -> {args.calibration} crops (mixup {args.mixup:g}), "
           f"{len(evaluation_photos)} evaluation photos -> {args.evaluation} crops ({confident} confident); "
           f"QFT: {args.epochs} epochs, loss {args.loss}, lr {args.learning_rate:g} "
           f"(scales x{args.scale_lr_factor:g}"
           + ("" if args.weight_scale_lr_factor is None else f", weight scales x{args.weight_scale_lr_factor:g}")
           + f"), weight scales as gains {args.weight_scales_as_gains}, unit {args.lr_unit}, batch {args.batch_size}, "
-          f"block loss {args.block_loss:g}, reconstruction {args.reconstruction_steps} steps per block at "
+          f"block loss {args.block_loss:g}" + ("" if args.loss_on == "blocks" else " on every layer")
+          + f", reconstruction {args.reconstruction_steps} steps per block at "
           f"{args.reconstruction_lr:g}, init {args.init}"
           + ("" if args.seed == 0 else f", seed {args.seed}")
           + f"; photos sha256 {digest}; float teacher {time.perf_counter() - clock:.0f} s")
@@ -199,7 +208,7 @@ def main(argv=None):
     print(f"{'profile':{width}s} {'method':26s} {'top1':>6s} {'top1>0.5':>8s} {'in top5':>7s} {'KL':>7s} "
           f"{'seconds':>7s}  check")
     methods = args.methods.split(",")
-    loss_layers = block_outputs(net, args.block_loss)
+    loss_layers = block_outputs(net, args.block_loss, args.loss_on == "layers")
     if args.ablations:
         methods += [f"qft-freeze-{g}" for g in DOF_GROUPS]
     for profile in profiles:
@@ -233,16 +242,20 @@ def main(argv=None):
                       f"to {report['final_loss']:.4g}", flush=True)
 
 
-def block_outputs(net, factor: float) -> dict[str, float]:
+def block_outputs(net, factor: float, every_layer: bool = False) -> dict[str, float]:
     """{tensor name: factor / count} for every inverted-residual block's output and the head (the captured
-    graph's names: a block's output is the residual add, or its projection where no add ends the block)."""
+    graph's names: a block's output is the residual add, or its projection where no add ends the block);
+    with every_layer, for every conv and add output instead (all but the logits)."""
     if not factor:
         return {}
     from qftsim.capture import capture
 
     fg = capture(net, torch.zeros(2, 3, SIZE, SIZE))
-    outs = [n.name for n in fg.nodes if n.kind == "add" or n.name.endswith("_project_conv") and not all(
-        c.kind == "add" for c in fg.consumers(n.name))] + ["_conv_head"]
+    if every_layer:
+        outs = [n.name for n in fg.nodes if n.kind in ("conv", "add")]
+    else:
+        outs = [n.name for n in fg.nodes if n.kind == "add" or n.name.endswith("_project_conv") and not all(
+            c.kind == "add" for c in fg.consumers(n.name))] + ["_conv_head"]
     return {name: factor / len(outs) for name in outs}
 
 
