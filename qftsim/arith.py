@@ -68,7 +68,15 @@ def _restore(result, original):
 
 
 def _where(cond, a, b):
+    if _is_expr(cond):
+        return cond.where(a, b)
     return torch.where(cond, a, b) if _is_torch(cond) else np.where(cond, a, b)
+
+
+def _floor(x):
+    if _is_expr(x):
+        return x.floor()
+    return torch.floor(x) if _is_torch(x) else np.floor(x)
 
 
 def _clip(x, lo, hi):
@@ -130,7 +138,7 @@ def divide_rounded(x, divisor, rounding: str):
     r2 = 2 * (v - q * n)
     if rounding == "floor":
         return _restore(q, x)
-    tie_up = {"half_up": True, "half_away": v >= 0, "gemmlowp_double": v >= 0,
+    tie_up = {"half_up": True, "ruy": True, "half_away": v >= 0, "gemmlowp_double": v >= 0,
               "half_even": (q & 1) == 1}[rounding]
     up = (r2 > n) | ((r2 == n) & tie_up)
     out = q + (up.to(torch.int64) if _is_torch(up) else up.astype(np.int64))
@@ -174,13 +182,24 @@ def rdbpot(x, exponent):
 
 # ---------------------------------------------------------------- requantization
 
-def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = None):
+FLOAT_SCHEMES = {"float32": (np.float32, torch.float32, 24), "float64": (np.float64, torch.float64, 53)}
+
+
+def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = None, scheme: str = "fixed_point"):
     """acc * multiplier * 2^-shift rounded to an integer exactly as the profile's rounding says.
 
     `multiplier` and `shift` broadcast against `acc` (per-channel requant).
     gemmlowp_double is TFLite's MultiplyByQuantizedMultiplier with a Q31
     multiplier: left shift (wrapping to int32, as int32 hardware does), SRDHM,
-    then RDBPOT. Every other mode rounds the exact product once.
+    then RDBPOT. ruy is the same with a half-up final shift (ruy's kernels).
+    Every other mode rounds the exact product once.
+
+    `scheme` float32 / float64 is a float multiply instead: the factor
+    m * 2^-t is then a float of that width (m below 2^24 / 2^53, so it is
+    exact), the accumulator is converted to that float (rounding to
+    nearest even, as a CPU does), multiplied once (rounded to that float)
+    and the product rounded to an integer by `rounding`: XNNPACK's
+    `lrintf(float(acc) * scale)` is float32 with half_even.
 
     Where |acc| * multiplier < 2^52 every intermediate is exact in float64,
     so that (fast) path computes the same integers; int64 serves the rest.
@@ -188,18 +207,56 @@ def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = N
     """
     m = _to_int64(multiplier, like=acc)
     t = _to_int64(shift, like=acc)
+    if scheme in FLOAT_SCHEMES:
+        return _restore(_requantize_float(acc, m, t, scheme, rounding), acc)
     if not _is_expr(acc) and _float64_is_exact(acc if acc_peak is None else acc_peak, m, t, rounding):
         return _restore(_requantize_float64(acc, m, t, rounding), acc)
     return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
 
 
 def _requantize_int64(v, m, t, rounding: str):
-    if rounding == "gemmlowp_double":
+    if rounding in ("gemmlowp_double", "ruy"):
         exponent = 31 - t
         left = _maximum0(exponent)
         scaled = wrap(v << left if (left > 0).any() else v, 32)
+        if rounding == "ruy":  # m > 0, so the high product cannot saturate
+            return _round_shift_int64(_round_shift_int64(scaled * m, np.int64(31), "half_up"),
+                                      _maximum0(-exponent), "half_up")
         return rdbpot(srdhm(scaled, m), _maximum0(-exponent))
     return _round_shift_int64(v * m, t, rounding)
+
+
+def _requantize_float(acc, m, t, scheme: str, rounding: str):
+    """round(float(acc) * float(m * 2^-t)) in the scheme's float width (see `requantize`)."""
+    np_dtype, torch_dtype, _ = FLOAT_SCHEMES[scheme]
+    if _is_expr(acc):
+        factor = (np.asarray(m, dtype=np.float64) * np.ldexp(1.0, -np.asarray(t))).astype(np_dtype)
+        return round_real_exact(acc.astype(np_dtype) * factor, rounding).astype(np.int64)
+    factor = _to_float64(m) * _exp2_neg(t)
+    if _is_torch(acc):
+        w = acc.to(torch_dtype) * factor.to(torch_dtype)
+        return round_real_exact(w, rounding).to(torch.float64)
+    w = np.asarray(acc).astype(np_dtype) * np.asarray(factor).astype(np_dtype)
+    return round_real_exact(w, rounding).astype(np.float64)
+
+
+def round_real_exact(w, rounding: str):
+    """Float values rounded to integers by `rounding`, exactly for any float (the value w - floor(w) is
+    exact, so no tie is made or lost by an addition): the last step of a float requantization."""
+    f = _floor(w)
+    frac = w - f
+    if rounding == "floor":
+        return f
+    if rounding in ("half_up", "ruy"):
+        tie_up = True
+    elif rounding in ("half_away", "gemmlowp_double"):
+        tie_up = w >= 0
+    elif rounding == "half_even":
+        tie_up = (f - 2 * _floor(f * 0.5)) == 1
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    up = (frac > 0.5) | ((frac == 0.5) & tie_up) if tie_up is not True else frac >= 0.5
+    return _where(up, f + 1, f)
 
 
 def _to_float64(x):
@@ -223,6 +280,8 @@ def _float64_is_exact(acc, m, t, rounding: str) -> bool:
     peak, m_peak = _peak(acc), _peak(m)
     if peak * m_peak >= 2.0**52:
         return False
+    if rounding == "ruy":
+        return False  # two half-up roundings: the int64 path
     # gemmlowp's int32 left shift (t < 31) and its wrap stay on the int64 path
     return rounding != "gemmlowp_double" or (bool((t >= 31).all()) and peak <= INT32_MAX)
 
@@ -290,7 +349,7 @@ def round_real_(x, rounding: str):
     """Real values (float32 or float64) rounded in place by the tie rule of `rounding`: training's view of
     a requantization, which must break ties as the hardware does (with power-of-two scales most
     products are ties). gemmlowp_double rounds its final shift half away from zero."""
-    return _round_float64(x, "half_away" if rounding == "gemmlowp_double" else rounding)
+    return _round_float64(x, {"gemmlowp_double": "half_away", "ruy": "half_up"}.get(rounding, rounding))
 
 
 def quantize_multiplier(real: float, multiplier_bits: int, shift_range: tuple[int, int] | None = None):
@@ -331,6 +390,38 @@ def quantize_multipliers(real: np.ndarray, multiplier_bits: int, shift_range: tu
         m = np.where(drop > 0, _round_shift_int64(m, drop, "half_up"), m)
         t = np.minimum(t, hi)
     return np.where(zero, 0, m), np.where(zero, shift_range[1] if shift_range else 0, t)
+
+
+def float_multipliers(real: np.ndarray, scheme: str):
+    """(m, t) int64 arrays with m * 2^-t exactly the float of `scheme` nearest to each real factor: the
+    float32 scale XNNPACK multiplies by, kept as integers (m below 2^24) like every other multiplier."""
+    np_dtype, _, bits = FLOAT_SCHEMES[scheme]
+    exact = np.asarray(real, dtype=np.float64).astype(np_dtype).astype(np.float64)
+    if not (np.isfinite(exact).all() and (exact >= 0).all()):
+        raise QftsimError(f"requantization factors must be finite and >= 0, got {exact[~(exact >= 0)][:3]}")
+    q, e = np.frexp(exact)
+    m = np.ldexp(q, bits).astype(np.int64)
+    return m, np.where(m == 0, 0, bits - e.astype(np.int64))
+
+
+def op_multipliers(real: np.ndarray, scheme: str, multiplier_bits: int, shift_range: tuple[int, int] | None):
+    """The (m, t) arrays an op of this requantization scheme stores for the real factors `real`."""
+    if scheme in FLOAT_SCHEMES:
+        return float_multipliers(real, scheme)
+    return quantize_multipliers(real, multiplier_bits, shift_range)
+
+
+def average(total, count, zero_point: int, rounding: str, domain: str):
+    """An average pool's output integers from its window sums of centred values.
+
+    domain centred: round(total / count) + zero point. domain raw: the mean of
+    the raw integers (zero point included, padding counted as the zero
+    point), round(total / count + zero point), as TFLite's AVERAGE_POOL_2D
+    rounds: the two differ where the mean is a tie.
+    """
+    if domain == "raw":
+        return divide_rounded(total + count * zero_point, count, rounding)
+    return divide_rounded(total, count, rounding) + zero_point
 
 
 # ---------------------------------------------------------------- accumulator

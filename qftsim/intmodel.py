@@ -24,7 +24,7 @@ import numpy as np
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.profile import HardwareProfile, int_range
+from qftsim.profile import HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
 FORMAT_VERSION = 1
@@ -257,6 +257,20 @@ OP_ARRAYS = {
 OP_ARITY = {"add": 2}
 
 
+def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
+    """The profile's arithmetic for this node (a conv2d with one input channel per group is depthwise)."""
+    op = node.op
+    if op == "conv2d" and node.attrs.get("groups", 1) > 1 and node.arrays["weight"].shape[1] == 1:
+        op = "depthwise_conv2d"
+    if op not in ("conv2d", "depthwise_conv2d", "linear", "add", "concat", "avgpool2d"):
+        raise KeyError(f"{node.op} has no arithmetic of its own")
+    return profile.arithmetic(op)
+
+
+# Stored multipliers: widths by requantization scheme (fixed point: the profile's multiplier_bits).
+FLOAT_SHIFT_RANGE = (0, 200)  # float factors m * 2^-t below 2^53: finite products
+
+
 def _err(node: Node, message: str) -> QftsimError:
     return QftsimError(f"node {node.name!r} ({node.op}): {message}")
 
@@ -282,7 +296,12 @@ def _window_out(node: Node, size: int, kernel: int, stride: int, pad: int, dilat
     return out
 
 
-def _check_requant(node: Node, profile: HardwareProfile, m, t, what: str) -> None:
+def _check_requant(node: Node, profile: HardwareProfile, m, t, what: str, scheme: str | None = None) -> None:
+    scheme = scheme or profile.requant.scheme
+    if scheme in arith.FLOAT_SCHEMES:
+        _check_range(node, f"{what} multiplier", m, 0, (1 << arith.FLOAT_SCHEMES[scheme][2]) - 1)
+        _check_range(node, f"{what} shift", t, *FLOAT_SHIFT_RANGE)
+        return
     b = profile.requant.multiplier_bits
     _check_range(node, f"{what} multiplier", m, 0 if b else 1, (1 << b) - 1 if b else 1)
     _check_range(node, f"{what} shift", t, *profile.requant.shift_range)
@@ -372,7 +391,7 @@ def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int
     for key, arr in (("multiplier", m), ("shift", t)):
         if arr.shape not in allowed:
             raise _err(node, f"{key} shape {arr.shape}, expected one of {sorted(allowed)}")
-    _check_requant(node, profile, m, t, "output")
+    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
 
 
 def _check_conv2d(node, profile, in_shapes, in_quants):
@@ -432,7 +451,8 @@ def _check_add(node, profile, in_shapes, in_quants):
     peak_sum = 0
     for q, m, t in zip(in_quants, node.attrs["input_multipliers"], node.attrs["input_shifts"]):
         peak = max(q.qmax - q.zero_point, q.zero_point - q.qmin) << node.attrs["left_shift"]
-        ends = arith.requantize(np.array([-peak, peak], dtype=np.int64), m, t, profile.requant.rounding)
+        ends = arith.requantize(np.array([-peak, peak], dtype=np.int64), m, t,
+                                node_arithmetic(node, profile).rounding)
         peak_sum += int(np.abs(ends).max()) if peak < 2**31 else 2**62
     if peak_sum > arith.INT32_MAX:
         raise _err(node, "input multipliers and shifts let the rescaled sum exceed int32; "

@@ -20,10 +20,19 @@ import yaml
 
 from qftsim.errors import QftsimError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 has no `arithmetic` section: every op follows `requant`
 
-ROUNDING_MODES = ("gemmlowp_double", "half_up", "half_away", "half_even", "floor")
+# ruy: ruy's fixed-point multiply (TFLite's optimized kernels): the high half of x * m rounded half up,
+# then a right shift that also rounds half up (gemmlowp_double breaks that second tie away from zero).
+ROUNDING_MODES = ("gemmlowp_double", "ruy", "half_up", "half_away", "half_even", "floor")
 OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "clamp", "reshape", "lut")
+# Requantization schemes: an integer multiplier and shift, a shift alone, or a float multiply as
+# XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
+REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")
+# Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d is a conv2d
+# node with one input channel per group.
+ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "add", "concat", "avgpool2d")
 
 _REQUIRED = object()
 
@@ -74,7 +83,7 @@ SCHEMA: dict[str, dict[str, _Field]] = {
         "guarantee": _Field(str, choices=("none", "observed", "a2q"), default="none"),
     },
     "requant": {
-        "scheme": _Field(str, choices=("fixed_point", "shift_only")),
+        "scheme": _Field(str, choices=REQUANT_SCHEMES),
         "multiplier_bits": _Field(int, lo=0, hi=31),
         "shift_range": _Field(list),
         "per_channel": _Field(bool),
@@ -88,6 +97,22 @@ SCHEMA: dict[str, dict[str, _Field]] = {
 }
 _TOP_LEVEL = {"name": str, "schema_version": int, "description": str}
 _OPTIONAL_SECTIONS = ("ops",)
+
+# One op's arithmetic (schema 2); a key left out takes the profile's global value.
+_OP_ARITHMETIC_FIELDS = {
+    "scheme": _Field(str, choices=REQUANT_SCHEMES),
+    "rounding": _Field(str, choices=ROUNDING_MODES),
+    # add: `tflite` rescales both inputs after a left shift (ops.add_left_shift), then the sum;
+    # `single_multiplier` (XNNPACK) multiplies each centred input by an integer and rounds the sum once.
+    "form": _Field(str, choices=("tflite", "single_multiplier")),
+    # avgpool2d: round the window's mean of the centred values, or of the raw ones (zero point included,
+    # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently.
+    "domain": _Field(str, choices=("centred", "raw")),
+}
+_OP_ARITHMETIC_KEYS = {
+    "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding"), "linear": ("scheme", "rounding"),
+    "concat": ("rounding",), "add": ("rounding", "form"), "avgpool2d": ("rounding", "domain"),
+}
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,16 @@ class OpsSpec:
 
 
 @dataclass(frozen=True)
+class OpArithmetic:
+    """How one op kind rounds and rescales (from `arithmetic:`, or the global fields by default)."""
+
+    scheme: str
+    rounding: str
+    form: str = "tflite"
+    domain: str = "centred"
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """A target's integer arithmetic (see DESIGN.md "Hardware profile")."""
 
@@ -175,12 +210,35 @@ class HardwareProfile:
     accumulator: AccumulatorSpec
     requant: RequantSpec
     ops: OpsSpec
+    # the per-op settings the file states (op -> key -> value); empty for schema 1
+    arithmetic_overrides: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_resolved", {op: self._resolve(op) for op in ARITHMETIC_OPS})
+
+    def _resolve(self, op: str) -> OpArithmetic:
+        stated = self.arithmetic_overrides.get(op, {})
+        return OpArithmetic(scheme=stated.get("scheme", self.requant.scheme),
+                            rounding=stated.get("rounding", self.requant.rounding),
+                            form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"))
+
+    def arithmetic(self, op: str) -> OpArithmetic:
+        """The resolved arithmetic of one op kind (see ARITHMETIC_OPS)."""
+        return self._resolved[op]
+
+    def __eq__(self, other):
+        return isinstance(other, HardwareProfile) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
 
     def to_dict(self) -> dict:
         """Plain-data form; loading it back gives an equal profile."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arithmetic_overrides"}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
         d["requant"]["shift_range"] = list(self.requant.shift_range)
         d["ops"]["supported"] = list(self.ops.supported)
+        if self.arithmetic_overrides:
+            d["arithmetic"] = {op: dict(v) for op, v in self.arithmetic_overrides.items()}
         return d
 
     @property
@@ -243,7 +301,7 @@ def _parse_section(source: str, section: str, data: Any) -> dict:
 def _parse(data: Any, source: str) -> HardwareProfile:
     if not isinstance(data, dict):
         raise _fail(source, "<top>", "expected a YAML mapping")
-    accepted = list(_TOP_LEVEL) + list(SCHEMA)
+    accepted = list(_TOP_LEVEL) + list(SCHEMA) + ["arithmetic"]
     unknown = sorted(set(data) - set(accepted))
     if unknown:
         raise _fail(source, unknown[0], f"unknown key; accepted keys: {', '.join(accepted)}")
@@ -252,10 +310,14 @@ def _parse(data: Any, source: str) -> HardwareProfile:
             raise _fail(source, key, "missing")
         if type(data[key]) is not kind:
             raise _fail(source, key, f"got {data[key]!r}, expected {kind.__name__}")
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise _fail(source, "schema_version", f"got {data['schema_version']}, this qftsim reads {SCHEMA_VERSION}")
+    if data["schema_version"] not in READABLE_VERSIONS:
+        raise _fail(source, "schema_version", f"got {data['schema_version']}, this qftsim reads "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if "arithmetic" in data and data["schema_version"] < 2:
+        raise _fail(source, "arithmetic", "per-op arithmetic needs schema_version: 2")
     sec = {name: _parse_section(source, name, data.get(name)) for name in SCHEMA}
     _check_consistency(source, sec)
+    overrides = _parse_arithmetic(source, data.get("arithmetic"))
     rq = sec["requant"]
     rq["shift_range"] = tuple(rq["shift_range"])
     sec["ops"]["supported"] = tuple(sec["ops"]["supported"])
@@ -269,7 +331,40 @@ def _parse(data: Any, source: str) -> HardwareProfile:
         accumulator=AccumulatorSpec(**sec["accumulator"]),
         requant=RequantSpec(**rq),
         ops=OpsSpec(**sec["ops"]),
+        arithmetic_overrides=overrides,
     )
+
+
+def _parse_arithmetic(source: str, data: Any) -> dict:
+    """The `arithmetic:` section: op -> {key: value}, each checked against what that op accepts."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _fail(source, "arithmetic", f"expected a mapping with keys among {', '.join(ARITHMETIC_OPS)}")
+    out = {}
+    for op, fields in data.items():
+        if op not in ARITHMETIC_OPS:
+            raise _fail(source, f"arithmetic.{op}", f"unknown op; accepted: {', '.join(ARITHMETIC_OPS)}")
+        keys = _OP_ARITHMETIC_KEYS[op]
+        if not isinstance(fields, dict):
+            raise _fail(source, f"arithmetic.{op}", f"expected a mapping with keys among {', '.join(keys)}")
+        for key, value in fields.items():
+            if key not in keys:
+                raise _fail(source, f"arithmetic.{op}.{key}", f"unknown key; accepted keys: {', '.join(keys)}")
+            _check_value(source, f"arithmetic.{op}.{key}", _OP_ARITHMETIC_FIELDS[key], value)
+        scheme, rounding = fields.get("scheme"), fields.get("rounding")
+        if scheme in ("float32", "float64") and rounding is None:
+            raise _fail(source, f"arithmetic.{op}.rounding", f"a {scheme} requantization states its rounding "
+                        "(XNNPACK's float32: half_even; TFLite's float64: half_away)")
+        if scheme == "shift_only" or (op != "avgpool2d" and rounding in ("gemmlowp_double", "ruy")
+                                      and scheme not in (None, "fixed_point")):
+            raise _fail(source, f"arithmetic.{op}", f"scheme {scheme} with rounding {rounding} is not supported "
+                        "per op (shift_only is a whole-profile choice; gemmlowp_double and ruy need fixed_point)")
+        if fields.get("form") == "single_multiplier" and rounding in ("gemmlowp_double", "ruy"):
+            raise _fail(source, f"arithmetic.{op}.rounding", "the single_multiplier add rounds its sum by one "
+                        "shift: use half_up (XNNPACK), half_away, half_even or floor")
+        out[op] = dict(fields)
+    return out
 
 
 def _check_consistency(source: str, sec: dict) -> None:
@@ -290,8 +385,8 @@ def _check_consistency(source: str, sec: dict) -> None:
     if rq["scheme"] == "shift_only":
         if b != 0:
             raise _fail(source, "requant.multiplier_bits", f"got {b}, shift_only requant has no multiplier: use 0")
-        if rq["rounding"] == "gemmlowp_double":
-            raise _fail(source, "requant.rounding", "gemmlowp_double needs a fixed_point multiplier; "
+        if rq["rounding"] in ("gemmlowp_double", "ruy"):
+            raise _fail(source, "requant.rounding", f"{rq['rounding']} needs a fixed_point multiplier; "
                         "shift_only accepts half_up, half_away, half_even, floor")
         for section in ("weights", "activations"):
             if sec[section]["scale"] != "power_of_two":
@@ -299,8 +394,11 @@ def _check_consistency(source: str, sec: dict) -> None:
                             "use power_of_two")
     elif b == 0:
         raise _fail(source, "requant.multiplier_bits", "fixed_point needs 1..31 multiplier bits (0 means shift_only)")
-    if rq["rounding"] == "gemmlowp_double" and b != 31:
-        raise _fail(source, "requant.rounding", f"gemmlowp_double is defined for a 31-bit multiplier, "
+    if rq["scheme"] in ("float32", "float64"):
+        raise _fail(source, "requant.scheme", f"{rq['scheme']} is a per-op scheme (arithmetic.OP.scheme); "
+                    "the global requant, used by add and concat rescales, is fixed_point or shift_only")
+    if rq["rounding"] in ("gemmlowp_double", "ruy") and b != 31:
+        raise _fail(source, "requant.rounding", f"{rq['rounding']} is defined for a 31-bit multiplier, "
                     f"got multiplier_bits {b}")
     if w["granularity"] == "per_channel" and not rq["per_channel"]:
         raise _fail(source, "requant.per_channel", "per_channel weights need per-channel requantization: "

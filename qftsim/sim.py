@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, Node, TensorQuant
+from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
 
 
 class AccumulatorOverflowWarning(RuntimeWarning):
@@ -150,7 +150,6 @@ class _Simulator:
     def __init__(self, model: IntModel, keep_accumulators: bool):
         self.model = model
         self.profile = model.profile
-        self.rounding = model.profile.requant.rounding
         self.report: list[LayerReport] = []
         self.keep_accumulators = keep_accumulators
         self.accumulators: dict[str, np.ndarray] = {}
@@ -257,7 +256,9 @@ class _Simulator:
         peak = max(-acc_min, acc_max) if outside is None else None
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
-        y = arith.requantize(acc, m, t, self.rounding, acc_peak=peak).to(torch.float32).add_(node.quant.zero_point)
+        op = node_arithmetic(node, self.profile)
+        y = arith.requantize(acc, m, t, op.rounding, acc_peak=peak, scheme=op.scheme)
+        y = y.to(torch.float32).add_(node.quant.zero_point)
         return self._apply_clamp(node, y, rep)
 
     def _saturate_every_mac(self, centered, weight, bias, exact, matmul, int64_matmul, terms, q_in):
@@ -298,18 +299,20 @@ class _Simulator:
 
     def _add(self, node, xs, in_quants):
         a = node.attrs
+        rounding = node_arithmetic(node, self.profile).rounding
         total = 0
         for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"]):
             shifted = (x.to(torch.float64) - q.zero_point) * 2.0 ** a["left_shift"]
-            total = total + arith.requantize(shifted, m, t, self.rounding)
-        y = arith.requantize(total, a["multiplier"], a["shift"], self.rounding) + node.quant.zero_point
+            total = total + arith.requantize(shifted, m, t, rounding)
+        y = arith.requantize(total, a["multiplier"], a["shift"], rounding) + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 
     def _concat(self, node, xs, in_quants):
         a = node.attrs
         if a["input_multipliers"] is not None:
             out_q = node.quant
-            xs = [(arith.requantize(x.to(torch.float64) - q.zero_point, m, t, self.rounding) + out_q.zero_point)
+            rounding = node_arithmetic(node, self.profile).rounding
+            xs = [(arith.requantize(x.to(torch.float64) - q.zero_point, m, t, rounding) + out_q.zero_point)
                   .clamp(out_q.qmin, out_q.qmax)
                   for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"])]
         y = torch.cat(xs, dim=1)
@@ -341,7 +344,8 @@ class _Simulator:
             count = kh * kw
         else:
             count = window_sum(torch.ones_like(x[:1, :1]))
-        y = arith.divide_rounded(total, count, self.rounding) + q.zero_point
+        op = node_arithmetic(node, self.profile)
+        y = arith.average(total, count, q.zero_point, op.rounding, op.domain)
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import assume, strategies as st
 
-from qftsim import QftsimError, list_profiles, load_profile
+from qftsim import QftsimError, arith, intmodel, list_profiles, load_profile
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
@@ -25,7 +25,7 @@ def profiles(draw) -> HardwareProfile:
     if draw(st.booleans()):
         rq = d["requant"]
         choices = ROUNDING_MODES if rq["multiplier_bits"] == 31 else [r for r in ROUNDING_MODES
-                                                                     if r != "gemmlowp_double"]
+                                                                     if r not in ("gemmlowp_double", "ruy")]
         rq["rounding"] = draw(st.sampled_from(choices))
         acc = d["accumulator"]
         acc["overflow"] = draw(st.sampled_from(["wrap", "saturate", "error"]))
@@ -56,10 +56,12 @@ class _Builder:
         zp = 0 if a.symmetric else self.draw(st.integers(q.qmin, q.qmax))
         return TensorQuant(a.bits, signed, zp, float(self.draw(st.sampled_from([0.5, 0.02, 1.0 / 3]))))
 
-    def requant_pair(self, size: int, acc_scale: float):
+    def requant_pair(self, size: int, acc_scale: float, scheme: str = "fixed_point"):
         """Multipliers and shifts: mostly ones that map acc_scale onto the output range, some anywhere."""
         b = self.p.requant.multiplier_bits
         lo, hi = self.p.requant.shift_range
+        if scheme in arith.FLOAT_SCHEMES:  # an exact float: its significand and exponent
+            b, (lo, hi) = arith.FLOAT_SCHEMES[scheme][2], intmodel.FLOAT_SHIFT_RANGE
         if b == 0:
             m = np.ones(size, dtype=np.int64)
         else:
@@ -84,16 +86,18 @@ class _Builder:
         self.quants[name] = quant
         return name
 
-    def matmul_params(self, out_channels: int, weight_shape, per_row: int, q_in: TensorQuant):
+    def matmul_params(self, out_channels: int, weight_shape, per_row: int, q_in: TensorQuant, op: str):
         w_spec = self.p.weights
         weight = self.rng.integers(w_spec.qmin, w_spec.qmax + 1, size=weight_shape)
         blo, bhi = self.p.bias.range
         bias = self.rng.integers(max(blo, -(1 << 14)), min(bhi, 1 << 14) + 1, size=out_channels)
         count = out_channels if self.p.requant.per_channel and self.draw(st.booleans()) else 1
         spread = max(q_in.qmax - q_in.zero_point, q_in.zero_point - q_in.qmin, 1) * max(abs(w_spec.qmin), 1)
-        m, t = self.requant_pair(count, spread * np.sqrt(per_row))
+        scheme = self.p.arithmetic(op).scheme
+        m, t = self.requant_pair(count, spread * np.sqrt(per_row), scheme)
         dtype = np.int8 if w_spec.bits <= 8 else np.int16
-        return {"weight": weight.astype(dtype), "bias": bias.astype(np.int32), "multiplier": m.astype(np.int32),
+        m_dtype = np.int64 if scheme == "float64" else np.int32
+        return {"weight": weight.astype(dtype), "bias": bias.astype(np.int32), "multiplier": m.astype(m_dtype),
                 "shift": t.astype(np.int32)}
 
 
@@ -126,14 +130,15 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             if ho < 1 or wo < 1:
                 continue
             out_q = b.quant()
-            arrays = b.matmul_params(out_c, (out_c, c // groups, kh, kw), c // groups * kh * kw, q)
+            kind = "depthwise_conv2d" if groups > 1 and c // groups == 1 else "conv2d"
+            arrays = b.matmul_params(out_c, (out_c, c // groups, kh, kw), c // groups * kh * kw, q, kind)
             current = b.add(name, "conv2d", [current], out_q,
                             {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups,
                              "clamp": b.clamp_for(out_q)}, arrays, (out_c, ho, wo))
         elif op == "linear":
             out_f = draw(st.integers(1, 5))
             out_q = b.quant()
-            arrays = b.matmul_params(out_f, (out_f, shape[0]), shape[0], q)
+            arrays = b.matmul_params(out_f, (out_f, shape[0]), shape[0], q, "linear")
             current = b.add(name, "linear", [current], out_q, {"clamp": b.clamp_for(out_q)}, arrays, (out_f,))
         elif op in ("maxpool2d", "avgpool2d"):
             c, h, w = shape

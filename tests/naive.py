@@ -20,7 +20,7 @@ def round_fraction(v: Fraction, rounding: str) -> int:
     if frac > Fraction(1, 2):
         return fl + 1
     # exact tie
-    if rounding == "half_up":
+    if rounding in ("half_up", "ruy"):
         return fl + 1
     if rounding in ("half_away", "gemmlowp_double"):
         return fl + 1 if v > 0 else fl
@@ -53,12 +53,33 @@ def rdbpot(x: int, e: int) -> int:
     return round_fraction(Fraction(x, 2**e), "half_away")
 
 
-def requantize(acc: int, m: int, t: int, rounding: str) -> int:
-    if rounding == "gemmlowp_double":
+def requantize(acc: int, m: int, t: int, rounding: str, scheme: str = "fixed_point") -> int:
+    if scheme in ("float32", "float64"):
+        bits = 24 if scheme == "float32" else 53
+        factor = to_float(Fraction(m) / Fraction(2) ** t, bits)
+        return round_fraction(to_float(to_float(Fraction(acc), bits) * factor, bits), rounding)
+    if rounding in ("gemmlowp_double", "ruy"):
         e = 31 - t
         a = wrap(acc * 2 ** max(e, 0), 32)
+        if rounding == "ruy":  # both steps round half up
+            high = round_fraction(Fraction(a * m, 2**31), "half_up")
+            return round_fraction(Fraction(high, 2 ** max(-e, 0)), "half_up")
         return rdbpot(srdhm(a, m), max(-e, 0))
     return round_fraction(Fraction(acc * m) / Fraction(2) ** t, rounding)
+
+
+def to_float(v: Fraction, bits: int) -> Fraction:
+    """v rounded to the nearest binary float with `bits` significant bits, ties to even (IEEE; no
+    exponent limits, which int8 requantization never reaches)."""
+    if v == 0:
+        return Fraction(0)
+    exponent = math.floor(math.log2(abs(v)))
+    while Fraction(2) ** exponent > abs(v):
+        exponent -= 1
+    while Fraction(2) ** (exponent + 1) <= abs(v):
+        exponent += 1
+    step = Fraction(2) ** (exponent - bits + 1)
+    return round_fraction(v / step, "half_even") * step
 
 
 def divide(x: int, n: int, rounding: str) -> int:
@@ -100,13 +121,17 @@ def run_model(model, x):
     """Execute an IntModel with loops over Python ints. Returns {output name: nested list}."""
     import numpy as np
 
+    from qftsim.intmodel import node_arithmetic
+
     p = model.profile
-    rounding = p.requant.rounding
     env = {model.inputs[0].name: np.array(x.tolist(), dtype=object)}
     for node in model.nodes:
         ins = [env[s] for s in node.inputs]
         qin = [model.quant_of(s) for s in node.inputs]
         a, arr, qo = node.attrs, node.arrays, node.quant
+        if node.op in ("conv2d", "linear", "add", "concat", "avgpool2d"):
+            op_arith = node_arithmetic(node, p)
+            rounding, scheme = op_arith.rounding, op_arith.scheme
         if node.op == "conv2d":
             (xv,), (q,) = ins, qin
             w = arr["weight"]
@@ -131,7 +156,7 @@ def run_model(model, x):
                                         prods.append(v * int(w[o, ci, ky, kx]))
                             acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
                             r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
-                                           rounding) + qo.zero_point
+                                           rounding, scheme) + qo.zero_point
                             out[n, o, y, xx] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "linear":
             (xv,), (q,) = ins, qin
@@ -142,7 +167,7 @@ def run_model(model, x):
                     prods = [(int(xv[n, i]) - q.zero_point) * int(w[o, i]) for i in range(w.shape[1])]
                     acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
                     r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
-                                   rounding) + qo.zero_point
+                                   rounding, scheme) + qo.zero_point
                     out[n, o] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "add":
             out = np.empty(ins[0].shape, dtype=object)
@@ -182,7 +207,10 @@ def run_model(model, x):
                     out[n, c, y, xx] = max(vals)
                 else:
                     count = kh * kw if a["count_include_pad"] else len(vals)
-                    out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point
+                    if op_arith.domain == "raw":  # padding counted holds the zero point
+                        out[n, c, y, xx] = divide(sum(vals) + (count - len(vals)) * q.zero_point, count, rounding)
+                    else:
+                        out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point
         elif node.op == "clamp":
             out = np.vectorize(lambda v: max(a["clamp"][0], min(a["clamp"][1], int(v))), otypes=[object])(ins[0])
         elif node.op == "reshape":

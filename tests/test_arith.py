@@ -14,7 +14,7 @@ from tests import naive
 INT32 = st.integers(naive.INT32_MIN, naive.INT32_MAX)
 Q31_MULT = st.integers(0, 2**31 - 1)
 EXAMPLES = settings(max_examples=400, deadline=None)
-SHIFT_MODES = [r for r in ROUNDING_MODES if r != "gemmlowp_double"]
+SHIFT_MODES = [r for r in ROUNDING_MODES if r not in ("gemmlowp_double", "ruy")]  # two-step roundings
 
 
 def _three_ways(fn, values, *args):
@@ -190,8 +190,27 @@ def test_a2q_bound():
 
 
 @EXAMPLES
+@given(st.lists(INT32, min_size=1, max_size=16), st.sampled_from(["float32", "float64"]),
+       st.floats(2.0**-30, 4.0), st.sampled_from(SHIFT_MODES))
+def test_float_requantization_matches_reference(accs, scheme, real, rounding):
+    """float(acc) * float(scale), rounded to an integer: as IEEE floats do it, whatever the library."""
+    (m,), (t,) = arith.float_multipliers(np.array([real]), scheme)
+    got = _three_ways(arith.requantize, accs, m, t, rounding, None, scheme)
+    assert got == [naive.requantize(a, int(m), int(t), rounding, scheme) for a in accs]
+
+
+def test_float32_requantization_is_xnnpacks():
+    """XNNPACK's lrintf(float(acc) * scale): the accumulator itself rounds to float32 past 2^24."""
+    acc = np.array([2**24 + 1, 2**24 + 3, -(2**25) - 3, 5, -5, 7], dtype=np.int64)
+    scale = np.float32(0.5)
+    (m,), (t,) = arith.float_multipliers(np.array([scale]), "float32")
+    expected = np.rint(acc.astype(np.float32) * scale).astype(np.int64)
+    assert arith.requantize(acc, m, t, "half_even", scheme="float32").tolist() == expected.tolist()
+
+
+@EXAMPLES
 @given(st.lists(st.integers(-(2**20), 2**20), min_size=1, max_size=16), Q31_MULT, st.integers(0, 62),
-       st.sampled_from(ROUNDING_MODES))
+       st.sampled_from([*SHIFT_MODES, "gemmlowp_double"]))
 def test_requantize_float64_path_matches_reference(accs, m, t, rounding):
     """Small accumulators take the float64 fast path; it must give the same integers."""
     acc = np.array(accs, dtype=np.int64)

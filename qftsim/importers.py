@@ -1,0 +1,387 @@
+"""Integer models made by other tools, turned into IntModels: fully-int8 TFLite (`from_tflite`).
+
+The flatbuffer is read with the schema module that ships with ai-edge-litert.
+TFLite lays tensors out NHWC; an IntModel is NCHW, so weights are transposed
+and an imported model takes and gives (batch, C, H, W) integers. Each op's
+multipliers are derived from the file's float32 scales the way the engine of
+the chosen profile derives them (double for TFLite's fixed-point kernels,
+float32 for XNNPACK), so the simulator computes that engine's integers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from qftsim import arith
+from qftsim.errors import QftsimError
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.profile import HardwareProfile, load_profile
+
+TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
+              "CONCATENATION", "RESHAPE", "PAD", "QUANTIZE", "DEQUANTIZE")
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated
+    except ImportError:
+        raise QftsimError("reading .tflite files needs the ai-edge-litert package (pip install ai-edge-litert)") \
+            from None
+    return schema_py_generated
+
+
+def from_tflite(source: str | Path | bytes, profile: str | HardwareProfile) -> IntModel:
+    """The IntModel that computes what `profile`'s engine computes for a fully-int8 .tflite model."""
+    data = source if isinstance(source, bytes) else _read(Path(source))
+    return _TfliteImporter(data, load_profile(profile), str(source)[:80] if not isinstance(source, bytes)
+                           else "<bytes>").run()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise QftsimError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+class _TfliteImporter:
+    def __init__(self, data: bytes, profile: HardwareProfile, source: str):
+        fb = _schema()
+        self.fb, self.profile, self.source = fb, profile, source
+        if len(data) < 8 or data[4:8] != b"TFL3":
+            raise QftsimError(f"{source}: not a TFLite flatbuffer (no TFL3 identifier)")
+        try:
+            self.model = fb.ModelT.InitFromPackedBuf(data, 0)
+        except Exception as exc:  # a damaged flatbuffer fails anywhere in the generated reader
+            raise QftsimError(f"{source}: unreadable TFLite flatbuffer ({type(exc).__name__})") from None
+        if not self.model.subgraphs or len(self.model.subgraphs) != 1:
+            raise QftsimError(f"{source}: expected one subgraph, found {len(self.model.subgraphs or [])}")
+        self.graph = self.model.subgraphs[0]
+        self.op_names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+        self.nodes: list[Node] = []
+        self.tensor_of: dict[int, str] = {}  # tflite tensor index -> IntModel tensor name
+        self.pending_pad: dict[int, list[int]] = {}  # PAD output -> [top, left, bottom, right]
+        self.hwc_flat: dict[int, tuple[int, int, int]] = {}  # flattened NHWC tensor -> its (H, W, C)
+        self.names: set[str] = set()
+
+    # ------------------------------------------------------------ tensors
+
+    def _tensor(self, index: int):
+        return self.graph.tensors[index]
+
+    def _tname(self, index: int) -> str:
+        name = self._tensor(index).name
+        return name.decode() if isinstance(name, bytes) else (name or f"t{index}")
+
+    def _quant(self, index: int) -> TensorQuant:
+        t = self._tensor(index)
+        q = t.quantization
+        if t.type != self.fb.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            raise self._fail_tensor(index, "is not a per-tensor int8 tensor (the model must be fully int8)")
+        return TensorQuant(8, True, int(q.zeroPoint[0]), float(np.float32(q.scale[0])))
+
+    def _scales(self, index: int) -> np.ndarray:
+        return np.asarray(self._tensor(index).quantization.scale, dtype=np.float32)
+
+    def _const(self, index: int) -> np.ndarray:
+        t = self._tensor(index)
+        data = self.model.buffers[t.buffer].data
+        if data is None:
+            raise self._fail_tensor(index, "should be a constant but holds no data")
+        dtype = {self.fb.TensorType.INT8: np.int8, self.fb.TensorType.INT32: np.int32,
+                 self.fb.TensorType.INT64: np.int64}.get(t.type)
+        if dtype is None:
+            raise self._fail_tensor(index, "is a constant of an unsupported type")
+        return np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype=dtype).reshape(list(t.shape))
+
+    def _shape(self, index: int) -> tuple[int, ...]:
+        return tuple(int(v) for v in self._tensor(index).shape)
+
+    def _fail_tensor(self, index: int, message: str) -> QftsimError:
+        return QftsimError(f"{self.source}: tensor {index} ({self._tname(index)!r}) {message}")
+
+    def _new_name(self, index: int) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", self._tname(index))[-48:].strip("._") or f"t{index}"
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    # ------------------------------------------------------------ graph
+
+    def run(self) -> IntModel:
+        g = self.graph
+        if len(g.inputs) != 1:
+            raise QftsimError(f"{self.source}: the model has {len(g.inputs)} inputs; qftsim imports one")
+        inputs = []
+        (first,) = g.inputs
+        ops = list(enumerate(g.operators or []))
+        # a float input quantized by the first op: the model's input is that op's int8 output
+        if ops and self._code(ops[0][1]) == "QUANTIZE" and ops[0][1].inputs[0] == first:
+            first = ops[0][1].outputs[0]
+            ops = ops[1:]
+        shape = self._shape(first)
+        if len(shape) == 4:
+            shape = (shape[3], shape[1], shape[2])
+        elif len(shape) == 2:
+            shape = (shape[1],)
+        else:
+            raise self._fail_tensor(first, f"is the model input with shape {shape}; expected NHWC or (N, features)")
+        name = self._new_name(first)
+        inputs.append(ModelInput(name, shape, self._quant(first)))
+        self.tensor_of[first] = name
+        outputs = list(g.outputs)
+        for i, op in ops:
+            code = self._code(op)
+            if code == "DEQUANTIZE" and op.outputs[0] in outputs:
+                outputs[outputs.index(op.outputs[0])] = op.inputs[0]
+                continue
+            handler = getattr(self, f"_op_{code.lower()}", None)
+            if handler is None or code in ("QUANTIZE", "DEQUANTIZE"):
+                raise QftsimError(f"{self.source}: op {i} ({code}) producing tensor {op.outputs[0]} "
+                                  f"({self._tname(op.outputs[0])!r}) is not supported; supported: "
+                                  f"{', '.join(TFLITE_OPS)} (QUANTIZE/DEQUANTIZE only at the edges)")
+            for src in op.inputs:
+                if src >= 0 and self._tensor(src).buffer == 0 and src not in self.tensor_of \
+                        and src not in self.pending_pad and src not in self.hwc_flat:
+                    raise self._fail_tensor(src, f"feeds op {i} ({code}) but is not produced before it")
+            handler(i, op)
+        missing = [o for o in outputs if o not in self.tensor_of]
+        if missing:
+            raise self._fail_tensor(missing[0], "is a model output that no supported op produces")
+        return IntModel(self.profile, inputs, self.nodes, [self.tensor_of[o] for o in outputs])
+
+    def _code(self, op) -> str:
+        oc = self.model.operatorCodes[op.opcodeIndex]
+        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
+        return self.op_names.get(code, f"builtin {code}")
+
+    def _emit(self, out_index: int, op: str, inputs: list[str], attrs: dict, arrays: dict | None = None,
+              quant: TensorQuant | None = None) -> str:
+        name = self._new_name(out_index)
+        self.nodes.append(Node(name, op, inputs, quant or self._quant(out_index), attrs, arrays or {}))
+        self.tensor_of[out_index] = name
+        return name
+
+    def _clamp(self, activation: int, out_index: int) -> list[int]:
+        """The integer bounds of a fused activation, as TFLite's CalculateActivationRangeQuantized sets them."""
+        q = self._quant(out_index)
+        a = self.fb.ActivationFunctionType
+
+        def level(real: float) -> int:  # zero_point + TfLiteRound(f / scale), in float32
+            v = np.float32(real) / np.float32(q.scale)
+            return q.zero_point + int(np.trunc(v + np.copysign(np.float32(0.5), v)))
+
+        lo, hi = q.qmin, q.qmax
+        if activation == a.RELU:
+            lo = max(lo, q.zero_point)
+        elif activation == a.RELU6:
+            lo, hi = max(lo, q.zero_point), min(hi, level(6.0))
+        elif activation == a.RELU_N1_TO_1:
+            lo, hi = max(lo, level(-1.0)), min(hi, level(1.0))
+        elif activation != a.NONE:
+            raise self._fail_tensor(out_index, f"has fused activation {activation}, which qftsim does not import")
+        return [lo, hi]
+
+    # ------------------------------------------------------------ requantization
+
+    def _multipliers(self, op_kind: str, s_in: float, s_w: np.ndarray, s_out: float, divisor: int = 1):
+        """(m, t) arrays for s_in * s_w / (s_out * divisor), computed as the profile's engine computes it."""
+        arithmetic = self.profile.arithmetic(op_kind)
+        rq = self.profile.requant
+        s_in32, s_out32 = np.float32(s_in), np.float32(s_out)
+        if arithmetic.scheme == "float32":  # XNNPACK: input_scale * kernel_scale / output_scale in float32
+            real = (s_in32 * s_w.astype(np.float32)) / (s_out32 * np.float32(divisor))
+        else:  # TFLite: double(input_scale) * double(filter_scale) / double(output_scale)
+            real = np.float64(s_in32) * s_w.astype(np.float64) / (np.float64(s_out32) * divisor)
+        m, t = arith.op_multipliers(np.asarray(real, dtype=np.float64), arithmetic.scheme, rq.multiplier_bits,
+                                    rq.shift_range)
+        dtype = np.int64 if arithmetic.scheme == "float64" else np.int32
+        return m.astype(dtype), t.astype(np.int32)
+
+    # ------------------------------------------------------------ ops
+
+    def _padding(self, opt, in_hw, kernel, stride, dilation=(1, 1)) -> list[int]:
+        if opt.padding == self.fb.Padding.VALID:
+            return [0, 0, 0, 0]
+        pads = []
+        for size, k, s, d in zip(in_hw, kernel, stride, dilation):
+            out = -(-size // s)
+            pads.append(max((out - 1) * s + (k - 1) * d + 1 - size, 0))
+        return [pads[0] // 2, pads[1] // 2, pads[0] - pads[0] // 2, pads[1] - pads[1] // 2]
+
+    def _conv_input(self, index: int) -> tuple[str, list[int]]:
+        """The conv's input tensor and any PAD folded into it (top, left, bottom, right)."""
+        if index in self.pending_pad:
+            src, pads = self.pending_pad[index]
+            return self.tensor_of[src], pads
+        return self.tensor_of[index], [0, 0, 0, 0]
+
+    def _op_pad(self, i, op):
+        x, paddings = op.inputs[0], self._const(op.inputs[1]).astype(np.int64)
+        if len(self._shape(x)) != 4 or paddings[0].any() or paddings[3].any():
+            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) of batch or channels; only H and W fold")
+        if self._quant(x) != self._quant(op.outputs[0]):
+            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) that changes quantization")
+        consumers = [o for o in self.graph.operators if op.outputs[0] in list(o.inputs)]
+        if not consumers or any(self._code(c) not in ("CONV_2D", "DEPTHWISE_CONV_2D") or c.inputs[0] != op.outputs[0]
+                                for c in consumers):
+            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) that does not feed only convolutions; "
+                                    "qftsim folds PAD into the next conv")
+        self.pending_pad[op.outputs[0]] = (x, [int(paddings[1][0]), int(paddings[2][0]), int(paddings[1][1]),
+                                               int(paddings[2][1])])
+
+    def _conv_common(self, i, op, weight_oihw: np.ndarray, groups: int, kind: str):
+        opt = op.builtinOptions
+        src, pads = self._conv_input(op.inputs[0])
+        x = self.pending_pad[op.inputs[0]][0] if op.inputs[0] in self.pending_pad else op.inputs[0]
+        _, h, w, _ = self._shape(x)
+        h, w = h + pads[0] + pads[2], w + pads[1] + pads[3]
+        kernel, stride = weight_oihw.shape[2:], (opt.strideH, opt.strideW)
+        dilation = (opt.dilationHFactor or 1, opt.dilationWFactor or 1)
+        same = self._padding(opt, (h, w), kernel, stride, dilation)
+        padding = [a + b for a, b in zip(pads, same)]
+        q_in, out = self._quant(x), op.outputs[0]
+        bias = self._bias(op, weight_oihw.shape[0])
+        m, t = self._multipliers(kind, q_in.scale, self._per_channel(op.inputs[1], weight_oihw.shape[0]),
+                                 self._quant(out).scale)
+        self._emit(out, "conv2d", [src], {"stride": list(stride), "padding": padding, "dilation": list(dilation),
+                                          "groups": groups, "clamp": self._clamp(opt.fusedActivationFunction, out)},
+                   {"weight": weight_oihw.astype(np.int8), "bias": bias, "multiplier": m, "shift": t})
+
+    def _per_channel(self, weight_index: int, channels: int) -> np.ndarray:
+        s = self._scales(weight_index)
+        zp = np.asarray(self._tensor(weight_index).quantization.zeroPoint)
+        if zp.size and zp.any():
+            raise self._fail_tensor(weight_index, "has nonzero weight zero points; TFLite's int8 weights are symmetric")
+        return np.broadcast_to(s, (channels,)).copy() if s.size == 1 else s
+
+    def _bias(self, op, channels: int) -> np.ndarray:
+        if len(op.inputs) < 3 or op.inputs[2] < 0:
+            return np.zeros(channels, dtype=np.int32)
+        return self._const(op.inputs[2]).astype(np.int32).reshape(channels)
+
+    def _op_conv_2d(self, i, op):
+        w = self._const(op.inputs[1])  # OHWI
+        self._conv_common(i, op, w.transpose(0, 3, 1, 2), 1, "conv2d")
+
+    def _op_depthwise_conv_2d(self, i, op):
+        w = self._const(op.inputs[1])  # 1, H, W, C * multiplier
+        x = self.pending_pad[op.inputs[0]][0] if op.inputs[0] in self.pending_pad else op.inputs[0]
+        channels = self._shape(x)[3]
+        self._conv_common(i, op, w.transpose(3, 0, 1, 2), channels, "depthwise_conv2d")
+
+    def _op_fully_connected(self, i, op):
+        x, out = op.inputs[0], op.outputs[0]
+        w = self._const(op.inputs[1]).astype(np.int8)
+        if x in self.hwc_flat:  # the flatten was NHWC order: reorder the columns to qftsim's CHW order
+            h, wd, c = self.hwc_flat[x]
+            w = w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
+        if len(self._shape(x)) != 2:
+            raise self._fail_tensor(x, "feeds a FULLY_CONNECTED with rank != 2; reshape it first")
+        m, t = self._multipliers("linear", self._quant(x).scale, self._per_channel(op.inputs[1], w.shape[0]),
+                                 self._quant(out).scale)
+        opt = op.builtinOptions
+        self._emit(out, "linear", [self.tensor_of[x]], {"clamp": self._clamp(opt.fusedActivationFunction, out)},
+                   {"weight": w, "bias": self._bias(op, w.shape[0]), "multiplier": m, "shift": t})
+
+    def _op_add(self, i, op):
+        a, b = op.inputs
+        out = op.outputs[0]
+        if self._shape(a) != self._shape(b):
+            raise self._fail_tensor(out, f"is an ADD (op {i}) with broadcasting, which qftsim does not import")
+        qa, qb, qo = self._quant(a), self._quant(b), self._quant(out)
+        arithmetic, rq = self.profile.arithmetic("add"), self.profile.requant
+        if arithmetic.form == "single_multiplier":
+            # XNNPACK: scale ratios in float32, shift from the larger one's exponent, ~21-bit multipliers
+            ratios = [np.float32(q.scale) / np.float32(qo.scale) for q in (qa, qb)]
+            shift = 20 - (int(np.frexp(max(ratios))[1]) - 1)
+            multipliers = [int(np.rint(np.ldexp(r, shift))) for r in ratios]
+            attrs = {"input_multipliers": multipliers, "input_shifts": [0, 0], "multiplier": 1, "shift": shift,
+                     "left_shift": 0}
+        else:  # TFLite: both inputs to twice the larger scale after a left shift, then the sum (in double)
+            left = self.profile.ops.add_left_shift
+            twice_max = 2.0 * max(np.float64(np.float32(qa.scale)), np.float64(np.float32(qb.scale)))
+            reals = [np.float64(np.float32(q.scale)) / twice_max for q in (qa, qb)]
+            reals.append(twice_max / (2.0**left * np.float64(np.float32(qo.scale))))
+            pairs = [arith.quantize_multiplier(r, rq.multiplier_bits, rq.shift_range) for r in reals]
+            attrs = {"input_multipliers": [pairs[0][0], pairs[1][0]], "input_shifts": [pairs[0][1], pairs[1][1]],
+                     "multiplier": pairs[2][0], "shift": pairs[2][1], "left_shift": left}
+        attrs["clamp"] = self._clamp(op.builtinOptions.fusedActivationFunction, out)
+        self._emit(out, "add", [self.tensor_of[a], self.tensor_of[b]], attrs)
+
+    def _pool(self, i, op, kind: str):
+        x, out = op.inputs[0], op.outputs[0]
+        opt = op.builtinOptions
+        if self._quant(x) != self._quant(out):
+            raise self._fail_tensor(out, f"is a pool (op {i}) whose output quantization differs from its input's")
+        _, h, w, _ = self._shape(x)
+        kernel, stride = [opt.filterHeight, opt.filterWidth], [opt.strideH, opt.strideW]
+        attrs = {"kernel": kernel, "stride": stride, "padding": self._padding(opt, (h, w), kernel, stride)}
+        if kind == "avgpool2d":
+            attrs["count_include_pad"] = False
+        clamp = self._clamp(opt.fusedActivationFunction, out)
+        q = self._quant(out)
+        if clamp == [q.qmin, q.qmax]:
+            self._emit(out, kind, [self.tensor_of[x]], attrs)
+            return
+        pooled = self._emit(out, kind, [self.tensor_of[x]], attrs)
+        self.nodes.append(Node(f"{pooled}_act", "clamp", [pooled], q, {"clamp": clamp}))
+        self.names.add(f"{pooled}_act")
+        self.tensor_of[out] = f"{pooled}_act"
+
+    def _op_average_pool_2d(self, i, op):
+        self._pool(i, op, "avgpool2d")
+
+    def _op_max_pool_2d(self, i, op):
+        self._pool(i, op, "maxpool2d")
+
+    def _op_mean(self, i, op):
+        """MEAN over height and width: an all-ones depthwise conv whose multiplier divides by the count."""
+        x, out = op.inputs[0], op.outputs[0]
+        axes = sorted(int(a) % 4 for a in self._const(op.inputs[1]).reshape(-1))
+        if len(self._shape(x)) != 4 or axes != [1, 2]:
+            raise self._fail_tensor(out, f"is a MEAN (op {i}) over axes {axes}; qftsim imports the mean over H and W")
+        _, h, w, c = self._shape(x)
+        ones = np.ones((c, 1, h, w), dtype=np.int8)
+        m, t = self._multipliers("depthwise_conv2d", self._quant(x).scale, np.ones(c, dtype=np.float32),
+                                 self._quant(out).scale, divisor=h * w)
+        q = self._quant(out)
+        keep = self._shape(out) == (self._shape(x)[0], 1, 1, c)
+        name = self._emit(out, "conv2d", [self.tensor_of[x]],
+                          {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": c,
+                           "clamp": [q.qmin, q.qmax]},
+                          {"weight": ones, "bias": np.zeros(c, dtype=np.int32), "multiplier": m, "shift": t})
+        if not keep:
+            self.nodes.append(Node(f"{name}_flat", "reshape", [name], q, {"shape": [c]}))
+            self.names.add(f"{name}_flat")
+            self.tensor_of[out] = f"{name}_flat"
+
+    def _op_concatenation(self, i, op):
+        out = op.outputs[0]
+        rank = len(self._shape(out))
+        axis = op.builtinOptions.axis % rank
+        if axis != rank - 1:
+            raise self._fail_tensor(out, f"is a CONCATENATION (op {i}) on axis {axis}; qftsim concatenates channels")
+        q = self._quant(out)
+        if any(self._quant(x) != q for x in op.inputs):
+            raise self._fail_tensor(out, f"is a CONCATENATION (op {i}) of differently quantized inputs, which "
+                                    "qftsim does not import yet")
+        self._emit(out, "concat", [self.tensor_of[x] for x in op.inputs], {})
+
+    def _op_reshape(self, i, op):
+        x, out = op.inputs[0], op.outputs[0]
+        src, dst = self._shape(x), self._shape(out)
+        if self._quant(x) != self._quant(out):
+            raise self._fail_tensor(out, f"is a RESHAPE (op {i}) that changes quantization")
+        if len(dst) != 2 or dst[0] != src[0]:
+            raise self._fail_tensor(out, f"is a RESHAPE (op {i}) to {dst}; qftsim imports flattening to (N, features)")
+        name = self._emit(out, "reshape", [self.tensor_of[x]], {"shape": [dst[1]]})
+        if len(src) == 4 and src[1] * src[2] > 1:
+            self.hwc_flat[out] = src[1:]
+        return name

@@ -1,0 +1,188 @@
+"""Float TFLite models built op by op with LiteRT's schema module, quantized by ai-edge-quantizer.
+
+The conformance tests need int8 .tflite files that an outside converter
+made, not qftsim: this module writes a float model (NHWC, as TFLite lays
+it out) and hands it to ai-edge-quantizer's static W8A8 min-max route, the
+route its users take. Random weights; the calibration batch fixes the ranges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ai_edge_litert import schema_py_generated as fb
+
+import flatbuffers
+
+ACTIVATIONS = {None: fb.ActivationFunctionType.NONE, "relu": fb.ActivationFunctionType.RELU,
+               "relu6": fb.ActivationFunctionType.RELU6, "relu_n1_to_1": fb.ActivationFunctionType.RELU_N1_TO_1}
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> int:
+    return max((-(-size // stride) - 1) * stride + kernel - size, 0)
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    return -(-size // stride) if padding == "same" else (size - kernel) // stride + 1
+
+
+class FloatModel:
+    """A float TFLite graph under construction; each method adds one op and returns its output tensor."""
+
+    def __init__(self, input_shape: tuple[int, ...], seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.tensors: list = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.buffers = [fb.BufferT()]
+        self.ops: list = []
+        self.codes: list[int] = []
+        self.input = self._tensor(tuple(input_shape), name="input")
+
+    def _tensor(self, shape, data: np.ndarray | None = None, name: str | None = None,
+                dtype=fb.TensorType.FLOAT32) -> int:
+        t = fb.TensorT()
+        t.shape = list(shape)
+        t.type = dtype
+        t.name = name or f"t{len(self.tensors)}"
+        t.buffer = 0
+        if data is not None:
+            buf = fb.BufferT()
+            buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
+            self.buffers.append(buf)
+            t.buffer = len(self.buffers) - 1
+        self.tensors.append(t)
+        self.shapes.append(tuple(shape))
+        return len(self.tensors) - 1
+
+    def _op(self, code: int, inputs: list[int], out_shape, options_type=0, options=None) -> int:
+        if code not in self.codes:
+            self.codes.append(code)
+        out = self._tensor(out_shape)
+        op = fb.OperatorT()
+        op.opcodeIndex = self.codes.index(code)
+        op.inputs, op.outputs = list(inputs), [out]
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+        self.ops.append(op)
+        return out
+
+    def _weights(self, shape, fan_in: int) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * (1.5 / np.sqrt(fan_in))).astype(np.float32)
+
+    def conv(self, x: int, out_channels: int, kernel: int, stride: int = 1, padding: str = "same",
+             activation: str | None = None) -> int:
+        n, h, w, c = self.shapes[x]
+        weight = self._tensor((out_channels, kernel, kernel, c), self._weights((out_channels, kernel, kernel, c),
+                                                                                kernel * kernel * c))
+        bias = self._tensor((out_channels,), (self.rng.standard_normal(out_channels) * 0.3).astype(np.float32))
+        opt = fb.Conv2DOptionsT()
+        opt.padding = fb.Padding.SAME if padding == "same" else fb.Padding.VALID
+        opt.strideH = opt.strideW = stride
+        opt.dilationHFactor = opt.dilationWFactor = 1
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        shape = (n, _out_size(h, kernel, stride, padding), _out_size(w, kernel, stride, padding), out_channels)
+        return self._op(fb.BuiltinOperator.CONV_2D, [x, weight, bias], shape, fb.BuiltinOptions.Conv2DOptions, opt)
+
+    def depthwise(self, x: int, kernel: int, stride: int = 1, padding: str = "same",
+                  activation: str | None = None) -> int:
+        n, h, w, c = self.shapes[x]
+        weight = self._tensor((1, kernel, kernel, c), self._weights((1, kernel, kernel, c), kernel * kernel))
+        bias = self._tensor((c,), (self.rng.standard_normal(c) * 0.3).astype(np.float32))
+        opt = fb.DepthwiseConv2DOptionsT()
+        opt.padding = fb.Padding.SAME if padding == "same" else fb.Padding.VALID
+        opt.strideH = opt.strideW = stride
+        opt.depthMultiplier = 1
+        opt.dilationHFactor = opt.dilationWFactor = 1
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        shape = (n, _out_size(h, kernel, stride, padding), _out_size(w, kernel, stride, padding), c)
+        return self._op(fb.BuiltinOperator.DEPTHWISE_CONV_2D, [x, weight, bias], shape,
+                        fb.BuiltinOptions.DepthwiseConv2DOptions, opt)
+
+    def fully_connected(self, x: int, out_features: int, activation: str | None = None) -> int:
+        n, features = self.shapes[x]
+        weight = self._tensor((out_features, features), self._weights((out_features, features), features))
+        bias = self._tensor((out_features,), (self.rng.standard_normal(out_features) * 0.3).astype(np.float32))
+        opt = fb.FullyConnectedOptionsT()
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        return self._op(fb.BuiltinOperator.FULLY_CONNECTED, [x, weight, bias], (n, out_features),
+                        fb.BuiltinOptions.FullyConnectedOptions, opt)
+
+    def add(self, a: int, b: int, activation: str | None = None) -> int:
+        opt = fb.AddOptionsT()
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        return self._op(fb.BuiltinOperator.ADD, [a, b], self.shapes[a], fb.BuiltinOptions.AddOptions, opt)
+
+    def pool(self, x: int, kind: str, kernel: int, stride: int, padding: str = "valid") -> int:
+        n, h, w, c = self.shapes[x]
+        opt = fb.Pool2DOptionsT()
+        opt.padding = fb.Padding.SAME if padding == "same" else fb.Padding.VALID
+        opt.strideH = opt.strideW = stride
+        opt.filterHeight = opt.filterWidth = kernel
+        code = fb.BuiltinOperator.AVERAGE_POOL_2D if kind == "avg" else fb.BuiltinOperator.MAX_POOL_2D
+        shape = (n, _out_size(h, kernel, stride, padding), _out_size(w, kernel, stride, padding), c)
+        return self._op(code, [x], shape, fb.BuiltinOptions.Pool2DOptions, opt)
+
+    def mean(self, x: int) -> int:
+        """Mean over height and width, keeping neither (global average pooling)."""
+        n, h, w, c = self.shapes[x]
+        axes = self._tensor((2,), np.array([1, 2], dtype=np.int32), dtype=fb.TensorType.INT32)
+        opt = fb.ReducerOptionsT()
+        opt.keepDims = False
+        return self._op(fb.BuiltinOperator.MEAN, [x, axes], (n, c), fb.BuiltinOptions.ReducerOptions, opt)
+
+    def concat(self, xs: list[int]) -> int:
+        opt = fb.ConcatenationOptionsT()
+        opt.axis = 3
+        shape = self.shapes[xs[0]][:3] + (sum(self.shapes[x][3] for x in xs),)
+        return self._op(fb.BuiltinOperator.CONCATENATION, xs, shape, fb.BuiltinOptions.ConcatenationOptions, opt)
+
+    def flatten(self, x: int) -> int:
+        shape = self.shapes[x]
+        target = self._tensor((2,), np.array([shape[0], int(np.prod(shape[1:]))], dtype=np.int32),
+                              dtype=fb.TensorType.INT32)
+        opt = fb.ReshapeOptionsT()
+        opt.newShape = [shape[0], int(np.prod(shape[1:]))]
+        return self._op(fb.BuiltinOperator.RESHAPE, [x, target], (shape[0], int(np.prod(shape[1:]))),
+                        fb.BuiltinOptions.ReshapeOptions, opt)
+
+    def to_bytes(self, output: int) -> bytes:
+        """The float model with one signature ("serving_default": input -> output), as the quantizer needs."""
+        sub = fb.SubGraphT()
+        sub.tensors, sub.operators = self.tensors, self.ops
+        sub.inputs, sub.outputs = [self.input], [output]
+        sub.name = "main"
+        self.tensors[output].name = "output"
+        model = fb.ModelT()
+        model.version = 3
+        model.subgraphs = [sub]
+        model.buffers = self.buffers
+        model.operatorCodes = []
+        for code in self.codes:
+            oc = fb.OperatorCodeT()
+            oc.builtinCode = code
+            oc.deprecatedBuiltinCode = min(code, 127)
+            oc.version = 1
+            model.operatorCodes.append(oc)
+        sig = fb.SignatureDefT()
+        sig.signatureKey = "serving_default"
+        sig.inputs = [_tensor_map("input", self.input)]
+        sig.outputs = [_tensor_map("output", output)]
+        model.signatureDefs = [sig]
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+def _tensor_map(name: str, index: int):
+    m = fb.TensorMapT()
+    m.name, m.tensorIndex = name, index
+    return m
+
+
+def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
+    """ai-edge-quantizer's static W8A8 min-max quantization of a float model (int8 at the edges too)."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(bytearray(float_model), recipe.static_wi8_ai8())
+    samples = [{"input": calibration[i:i + 1].astype(np.float32)} for i in range(len(calibration))]
+    result = q.calibrate({"serving_default": samples}, num_threads=1)
+    return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
