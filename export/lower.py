@@ -18,7 +18,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from qftsim import arith
-from qftsim.intmodel import IntModel, Node, TensorQuant
+from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
 
 INT32_SAFE = 2**31 - 1
 
@@ -36,6 +36,8 @@ class IntExpr:
         if isinstance(other, IntExpr):
             return other.expr
         value = np.asarray(other)
+        if self.dtype.startswith("float"):  # a float expression takes float constants of its own width
+            return relax.const(value.astype(self.dtype), dtype=self.dtype)
         dtype = "bool" if value.dtype == np.bool_ else "int64"
         return relax.const(value.astype(dtype), dtype=dtype)
 
@@ -67,6 +69,14 @@ class IntExpr:
 
     def __or__(self, o):
         return self._emit(relax.op.logical_or if self.dtype == "bool" else relax.op.bitwise_or, o)
+
+    def floor(self):
+        return IntExpr(self.bb, self.bb.emit(relax.op.floor(self.expr)), self.dtype)
+
+    def where(self, a, b):
+        """Elementwise a where this boolean tensor holds, else b (in the dtype of whichever is a tensor)."""
+        ref = a if isinstance(a, IntExpr) else b
+        return IntExpr(self.bb, self.bb.emit(relax.op.where(self.expr, ref._lift(a), ref._lift(b))), ref.dtype)
 
     def astype(self, dtype):
         return IntExpr(self.bb, self.bb.emit(relax.op.astype(self.expr, np.dtype(dtype).name)), np.dtype(dtype).name)
@@ -138,7 +148,8 @@ def _matmul_epilogue(node: Node, exact: IntExpr, model: IntModel, channel_shape)
     """Requantization, zero point and clamp of the accumulator."""
     m = node.arrays["multiplier"].astype(np.int64).reshape(channel_shape)
     t = node.arrays["shift"].astype(np.int64).reshape(channel_shape)
-    y = arith.requantize(exact, m, t, model.profile.requant.rounding) + node.quant.zero_point
+    op = node_arithmetic(node, model.profile, model.shapes[node.inputs[0]])
+    y = arith.requantize(exact, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
     return y.clip(*node.attrs["clamp"])
 
 
@@ -347,7 +358,7 @@ def _saturating_dense(x, weight, bias, acc_range):
 
 def _lower_add(bb, node, xs, qs, model):
     a = node.attrs
-    rounding = model.profile.requant.rounding
+    rounding = node_arithmetic(node, model.profile).rounding
     total = None
     for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"]):
         term = arith.requantize((x - q.zero_point) << a["left_shift"], m, t, rounding)
@@ -360,7 +371,8 @@ def _lower_concat(bb, node, xs, qs, model):
     a = node.attrs
     if a["input_multipliers"] is not None:
         out = node.quant
-        xs = [(arith.requantize(x - q.zero_point, m, t, model.profile.requant.rounding) + out.zero_point)
+        rounding = node_arithmetic(node, model.profile).rounding
+        xs = [(arith.requantize(x - q.zero_point, m, t, rounding) + out.zero_point)
               .clip(out.qmin, out.qmax)
               for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"])]
     return _emit_int(bb, relax.op.concat([x.expr for x in xs], axis=1))
@@ -399,11 +411,21 @@ def _lower_avgpool2d(bb, node, xs, qs, model):
         ho, wo = model.shapes[node.name][1:]
         count = np.array([[inside[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(wo)]
                           for i in range(ho)], np.int64).reshape(1, 1, ho, wo)
-    return arith.divide_rounded(total, count, model.profile.requant.rounding) + q.zero_point
+    op = node_arithmetic(node, model.profile)
+    return arith.average(total, count, q.zero_point, op.rounding, op.domain)
 
 
 def _lower_clamp(bb, node, xs, qs, model):
     return xs[0].clip(*node.attrs["clamp"])
+
+
+def _lower_mean(bb, node, xs, qs, model):
+    (x,), (q,) = xs, qs
+    total = _emit_int(bb, relax.op.sum((x - q.zero_point).expr, axis=[2, 3]))
+    op = node_arithmetic(node, model.profile)
+    m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
+    y = arith.requantize(total, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
+    return y.clip(*node.attrs["clamp"])
 
 
 def _lower_reshape(bb, node, xs, qs, model):
@@ -425,6 +447,7 @@ _LOWER = {
     "concat": _lower_concat,
     "maxpool2d": _lower_maxpool2d,
     "avgpool2d": _lower_avgpool2d,
+    "mean": _lower_mean,
     "clamp": _lower_clamp,
     "reshape": _lower_reshape,
     "lut": _lower_lut,

@@ -114,6 +114,24 @@ def _export(args) -> int:
     return EXIT_OK
 
 
+def _import(args) -> int:
+    import collections
+
+    from qftsim.importers import from_tflite
+
+    if not args.model.endswith(".tflite"):
+        raise QftsimError(f"{args.model}: qftsim imports .tflite files (fully-int8 TFLite models)")
+    model = from_tflite(args.model, args.profile)
+    model.save(args.output)
+    ops = collections.Counter(n.op for n in model.nodes)
+    spec = model.inputs[0]
+    print(f"imported {args.model} for {model.profile.name}: {len(model.nodes)} ops "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))}) -> {args.output}")
+    print(f"input {spec.name!r}: (batch, {', '.join(map(str, spec.shape))}) int8, channels first "
+          f"(TFLite's NHWC transposed), scale {spec.quant.scale:.6g}, zero point {spec.quant.zero_point}")
+    return EXIT_OK
+
+
 def _verify(args) -> int:
     import warnings
 
@@ -311,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"])
     export.add_argument("-o", "--output", required=True, metavar="OUT.so")
     export.set_defaults(func=_export)
+
+    imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")
+    imp.add_argument("model", help="a .tflite file (int8 weights and activations, as ai-edge-quantizer writes)")
+    imp.add_argument("--profile", default="litert-xnnpack",
+                     help="whose arithmetic to simulate: litert-xnnpack (LiteRT's default CPU interpreter; the "
+                          "default), litert-optimized, litert-reference, or a .yaml of your own target")
+    imp.add_argument("-o", "--output", required=True, metavar="OUT.qft")
+    imp.set_defaults(func=_import)
 
     verify = sub.add_parser("verify", help="run a .qft model and its compiled library on the same inputs; "
                                            "exit 1 on any difference")

@@ -50,7 +50,7 @@ def _read(path: Path) -> bytes:
 class _TfliteImporter:
     def __init__(self, data: bytes, profile: HardwareProfile, source: str):
         fb = _schema()
-        self.fb, self.profile, self.source = fb, profile, source
+        self.fb, self.profile, self.source, self.data = fb, profile, source, data
         if len(data) < 8 or data[4:8] != b"TFL3":
             raise QftsimError(f"{source}: not a TFLite flatbuffer (no TFL3 identifier)")
         try:
@@ -88,8 +88,11 @@ class _TfliteImporter:
 
     def _const(self, index: int) -> np.ndarray:
         t = self._tensor(index)
-        data = self.model.buffers[t.buffer].data
-        if data is None:
+        buffer = self.model.buffers[t.buffer]
+        data = buffer.data
+        if data is None and buffer.offset > 1:  # large models keep buffers after the flatbuffer itself
+            data = np.frombuffer(self.data, dtype=np.uint8)[buffer.offset:buffer.offset + buffer.size]
+        if data is None or len(data) == 0:
             raise self._fail_tensor(index, "should be a constant but holds no data")
         dtype = {self.fb.TensorType.INT8: np.int8, self.fb.TensorType.INT32: np.int32,
                  self.fb.TensorType.INT64: np.int64}.get(t.type)
@@ -154,7 +157,10 @@ class _TfliteImporter:
         missing = [o for o in outputs if o not in self.tensor_of]
         if missing:
             raise self._fail_tensor(missing[0], "is a model output that no supported op produces")
-        return IntModel(self.profile, inputs, self.nodes, [self.tensor_of[o] for o in outputs])
+        try:
+            return IntModel(self.profile, inputs, self.nodes, [self.tensor_of[o] for o in outputs])
+        except QftsimError as exc:
+            raise QftsimError(f"{self.source}: does not fit profile {self.profile.name}: {exc}") from None
 
     def _code(self, op) -> str:
         oc = self.model.operatorCodes[op.opcodeIndex]
@@ -342,25 +348,30 @@ class _TfliteImporter:
         self._pool(i, op, "maxpool2d")
 
     def _op_mean(self, i, op):
-        """MEAN over height and width: an all-ones depthwise conv whose multiplier divides by the count."""
+        """MEAN over height and width: the sum of the centred values times about s_in / (s_out * H * W)."""
         x, out = op.inputs[0], op.outputs[0]
         axes = sorted(int(a) % 4 for a in self._const(op.inputs[1]).reshape(-1))
         if len(self._shape(x)) != 4 or axes != [1, 2]:
             raise self._fail_tensor(out, f"is a MEAN (op {i}) over axes {axes}; qftsim imports the mean over H and W")
         _, h, w, c = self._shape(x)
-        ones = np.ones((c, 1, h, w), dtype=np.int8)
-        m, t = self._multipliers("depthwise_conv2d", self._quant(x).scale, np.ones(c, dtype=np.float32),
-                                 self._quant(out).scale, divisor=h * w)
+        count = h * w
+        if self.profile.arithmetic("mean").scheme == "fixed_point":
+            # TFLite: QuantizeMultiplier(s_in / s_out), then the multiplier times 2^k / count in integers
+            # (k = floor(log2(count)), at most 32 and at most 31 + the exponent), the shift k more
+            m0, t0 = self._multipliers("mean", self._quant(x).scale, np.ones(1, dtype=np.float32),
+                                       self._quant(out).scale)
+            k = min(count.bit_length() - 1, 32, 31 + (31 - int(t0[0])))
+            m, t = (np.array([(int(m0[0]) << k) // count], dtype=np.int32), t0 + k)
+        else:  # XNNPACK: s_in / (s_out * count) in float32
+            m, t = self._multipliers("mean", self._quant(x).scale, np.ones(1, dtype=np.float32),
+                                     self._quant(out).scale, divisor=count)
         q = self._quant(out)
-        keep = self._shape(out) == (self._shape(x)[0], 1, 1, c)
-        name = self._emit(out, "conv2d", [self.tensor_of[x]],
-                          {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": c,
-                           "clamp": [q.qmin, q.qmax]},
-                          {"weight": ones, "bias": np.zeros(c, dtype=np.int32), "multiplier": m, "shift": t})
-        if not keep:
-            self.nodes.append(Node(f"{name}_flat", "reshape", [name], q, {"shape": [c]}))
-            self.names.add(f"{name}_flat")
-            self.tensor_of[out] = f"{name}_flat"
+        name = self._emit(out, "mean", [self.tensor_of[x]], {"clamp": [q.qmin, q.qmax]},
+                          {"multiplier": m, "shift": t})
+        if self._shape(out) == (self._shape(x)[0], 1, 1, c):  # keep_dims
+            self.nodes.append(Node(f"{name}_hw", "reshape", [name], q, {"shape": [c, 1, 1]}))
+            self.names.add(f"{name}_hw")
+            self.tensor_of[out] = f"{name}_hw"
 
     def _op_concatenation(self, i, op):
         out = op.outputs[0]
@@ -381,7 +392,11 @@ class _TfliteImporter:
             raise self._fail_tensor(out, f"is a RESHAPE (op {i}) that changes quantization")
         if len(dst) != 2 or dst[0] != src[0]:
             raise self._fail_tensor(out, f"is a RESHAPE (op {i}) to {dst}; qftsim imports flattening to (N, features)")
-        name = self._emit(out, "reshape", [self.tensor_of[x]], {"shape": [dst[1]]})
-        if len(src) == 4 and src[1] * src[2] > 1:
+        if len(src) == 4 and src[1] * src[2] > 1:  # NHWC order: only an fc can take it (its columns reorder)
+            consumers = [self._code(o) for o in self.graph.operators if out in list(o.inputs)]
+            if out in list(self.graph.outputs) or set(consumers) != {"FULLY_CONNECTED"}:
+                raise self._fail_tensor(out, f"is a RESHAPE (op {i}) of an (H, W, C) tensor that feeds "
+                                        f"{', '.join(consumers) or 'the model output'}; qftsim imports such a "
+                                        "flatten only into FULLY_CONNECTED")
             self.hwc_flat[out] = src[1:]
-        return name
+        self._emit(out, "reshape", [self.tensor_of[x]], {"shape": [dst[1]]})

@@ -245,6 +245,7 @@ OP_ATTRS: dict[str, dict] = {
     "concat": {"input_multipliers": None, "input_shifts": None},
     "maxpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0]},
     "avgpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0], "count_include_pad": True},
+    "mean": {"clamp": None},  # over height and width: (C, H, W) -> (C,), its own output scale
     "clamp": {"clamp": None},
     "reshape": {"shape": None},
     "lut": {},
@@ -253,18 +254,50 @@ OP_ARRAYS = {
     "conv2d": ("weight", "bias", "multiplier", "shift"),
     "linear": ("weight", "bias", "multiplier", "shift"),
     "lut": ("table",),
+    "mean": ("multiplier", "shift"),
 }
 OP_ARITY = {"add": 2}
 
 
-def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
-    """The profile's arithmetic for this node (a conv2d with one input channel per group is depthwise)."""
+def node_arithmetic(node: Node, profile: HardwareProfile, in_shape: tuple[int, ...] | None = None) -> OpArithmetic:
+    """The profile's arithmetic for this node; a conv2d needs its input shape (C, H, W).
+
+    A conv2d with one input channel per group is depthwise, and a depthwise
+    conv that TFLite's optimized kernels run on their 3x3 fast path is
+    depthwise_conv2d_3x3 (profiles that do not set it treat it as depthwise)."""
     op = node.op
     if op == "conv2d" and node.attrs.get("groups", 1) > 1 and node.arrays["weight"].shape[1] == 1:
-        op = "depthwise_conv2d"
-    if op not in ("conv2d", "depthwise_conv2d", "linear", "add", "concat", "avgpool2d"):
+        a = node.attrs
+        fast = fast_3x3_depthwise(in_shape, node.arrays["weight"].shape, a["stride"], a["padding"], a["dilation"],
+                                  node.arrays["shift"])
+        op = "depthwise_conv2d_3x3" if fast else "depthwise_conv2d"
+    if op not in ("conv2d", "depthwise_conv2d", "depthwise_conv2d_3x3", "linear", "mean", "add", "concat",
+                  "avgpool2d"):
         raise KeyError(f"{node.op} has no arithmetic of its own")
     return profile.arithmetic(op)
+
+
+def fast_3x3_depthwise(in_shape, weight_shape, stride, padding, dilation, shift) -> bool:
+    """Whether TFLite's optimized kernels take their 3x3 depthwise fast path (Fast3x3FilterKernelSupported):
+    kernel 3x3, depth multiplier 1, equal strides of 1 or 2, top and left padding equal and 0 or 1,
+    channels a multiple of 8, every multiplier below one (shift >= 31), no dilation, and the last
+    window inside the input (or one past it where padded); inputs of width or height 1 only if square."""
+    c, h, w = in_shape
+    o, per_group, kh, kw = weight_shape
+    pt, pl = padding[0], padding[1]
+    s = stride[0]
+    if not (kh == kw == 3 and o == c and per_group == 1 and stride[0] == stride[1] and s in (1, 2)
+            and list(dilation) == [1, 1] and pt == pl and pt in (0, 1) and c % 8 == 0
+            and bool((np.asarray(shift) >= 31).all())):
+        return False
+    out_h = (h + padding[0] + padding[2] - 3) // s + 1
+    out_w = (w + padding[1] + padding[3] - 3) // s + 1
+    y_end, x_end = (out_h - 1) * s - pt + 3, (out_w - 1) * s - pl + 3
+    if pt == 0:
+        return x_end <= w and y_end <= h
+    if not (x_end <= w + 1 and y_end <= h + 1):
+        return False
+    return h == w if 1 in (h, w) else True
 
 
 # Stored multipliers: widths by requantization scheme (fixed point: the profile's multiplier_bits).
@@ -381,7 +414,7 @@ def _check_same_quant(node: Node, in_quants) -> None:
         raise _err(node, "output quantization must equal the input's (this op does not rescale)")
 
 
-def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int) -> None:
+def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int, in_shape=None) -> None:
     w, b, m, t = (node.arrays[k] for k in ("weight", "bias", "multiplier", "shift"))
     _check_range(node, "weight", w, profile.weights.qmin, profile.weights.qmax)
     if b.shape != (out_channels,):
@@ -391,7 +424,7 @@ def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int
     for key, arr in (("multiplier", m), ("shift", t)):
         if arr.shape not in allowed:
             raise _err(node, f"{key} shape {arr.shape}, expected one of {sorted(allowed)}")
-    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
+    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile, in_shape).scheme)
 
 
 def _check_conv2d(node, profile, in_shapes, in_quants):
@@ -410,7 +443,7 @@ def _check_conv2d(node, profile, in_shapes, in_quants):
     pt, pl, pb, pr = _ints(node, "padding", 4)
     if min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
         raise _err(node, "stride and dilation must be >= 1, padding >= 0")
-    _check_matmul_params(node, profile, o)
+    _check_matmul_params(node, profile, o, shape)
     return (o, _window_out(node, shape[1], kh, sh, pt + pb, dh), _window_out(node, shape[2], kw, sw, pl + pr, dw))
 
 
@@ -485,6 +518,23 @@ def _check_pool(node, profile, in_shapes, in_quants):
     return (shape[0], _window_out(node, shape[1], kh, sh, pt + pb), _window_out(node, shape[2], kw, sw, pl + pr))
 
 
+def _check_mean(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    m, t = node.arrays["multiplier"], node.arrays["shift"]
+    if m.shape != (1,) or t.shape != (1,):
+        raise _err(node, f"multiplier and shift must have shape (1,), got {m.shape} and {t.shape}")
+    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
+    if shape[1] * shape[2] * _max_abs_centered(in_quants[0]) > arith.INT32_MAX:
+        raise _err(node, f"a sum over {shape[1]} x {shape[2]} values could leave int32")
+    return (shape[0],)
+
+
+def _max_abs_centered(q: TensorQuant) -> int:
+    return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
+
+
 def _check_clamp(node, profile, in_shapes, in_quants):
     _check_same_quant(node, in_quants)
     return in_shapes[0]
@@ -524,6 +574,7 @@ _CHECKS = {
     "concat": _check_concat,
     "maxpool2d": _check_pool,
     "avgpool2d": _check_pool,
+    "mean": _check_mean,
     "clamp": _check_clamp,
     "reshape": _check_reshape,
     "lut": _check_lut,

@@ -26,13 +26,15 @@ READABLE_VERSIONS = (1, 2)  # version 1 has no `arithmetic` section: every op fo
 # ruy: ruy's fixed-point multiply (TFLite's optimized kernels): the high half of x * m rounded half up,
 # then a right shift that also rounds half up (gemmlowp_double breaks that second tie away from zero).
 ROUNDING_MODES = ("gemmlowp_double", "ruy", "half_up", "half_away", "half_even", "floor")
-OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "clamp", "reshape", "lut")
+OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "mean", "clamp", "reshape", "lut")
 # Requantization schemes: an integer multiplier and shift, a shift alone, or a float multiply as
 # XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
 REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")
 # Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d is a conv2d
-# node with one input channel per group.
-ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "add", "concat", "avgpool2d")
+# node with one input channel per group, depthwise_conv2d_3x3 one that TFLite's optimized kernels run on
+# their 3x3 fast path (intmodel.fast_3x3_depthwise; it defaults to depthwise_conv2d's arithmetic).
+ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "depthwise_conv2d_3x3", "linear", "mean", "add", "concat",
+                  "avgpool2d")
 
 _REQUIRED = object()
 
@@ -110,8 +112,9 @@ _OP_ARITHMETIC_FIELDS = {
     "domain": _Field(str, choices=("centred", "raw")),
 }
 _OP_ARITHMETIC_KEYS = {
-    "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding"), "linear": ("scheme", "rounding"),
-    "concat": ("rounding",), "add": ("rounding", "form"), "avgpool2d": ("rounding", "domain"),
+    "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding"),
+    "depthwise_conv2d_3x3": ("scheme", "rounding"), "linear": ("scheme", "rounding"),
+    "mean": ("scheme", "rounding"), "concat": ("rounding",), "add": ("rounding", "form"), "avgpool2d": ("rounding", "domain"),
 }
 
 
@@ -218,6 +221,8 @@ class HardwareProfile:
 
     def _resolve(self, op: str) -> OpArithmetic:
         stated = self.arithmetic_overrides.get(op, {})
+        if op == "depthwise_conv2d_3x3":
+            stated = {**self.arithmetic_overrides.get("depthwise_conv2d", {}), **stated}
         return OpArithmetic(scheme=stated.get("scheme", self.requant.scheme),
                             rounding=stated.get("rounding", self.requant.rounding),
                             form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"))
@@ -318,6 +323,11 @@ def _parse(data: Any, source: str) -> HardwareProfile:
     sec = {name: _parse_section(source, name, data.get(name)) for name in SCHEMA}
     _check_consistency(source, sec)
     overrides = _parse_arithmetic(source, data.get("arithmetic"))
+    dw = {**overrides.get("depthwise_conv2d", {}), **overrides.get("depthwise_conv2d_3x3", {})}
+    if dw.get("scheme", sec["requant"]["scheme"]) != overrides.get("depthwise_conv2d", {}).get(
+            "scheme", sec["requant"]["scheme"]):
+        raise _fail(source, "arithmetic.depthwise_conv2d_3x3.scheme", "must equal depthwise_conv2d's scheme "
+                    "(the two kernels store the same multipliers)")
     rq = sec["requant"]
     rq["shift_range"] = tuple(rq["shift_range"])
     sec["ops"]["supported"] = tuple(sec["ops"]["supported"])

@@ -28,8 +28,8 @@ from torch import nn
 from qftsim import arith
 from qftsim.capture import LUT_FUNCTIONS, FGraph, FNode
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
-from qftsim.profile import HardwareProfile, int_range
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, fast_3x3_depthwise
+from qftsim.profile import HardwareProfile, OpArithmetic, int_range
 
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
 _SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
@@ -258,13 +258,27 @@ class QGraph(nn.Module):
         step = (self.act_scale(n.inputs[0]) * self.weight_scale(n)).double()
         return torch.clamp(round_ste(self.bias[_key(n.name)].double() / step), *self.bias_range())
 
-    def multipliers(self, real: torch.Tensor):
+    def arithmetic(self, n: FNode, shift: np.ndarray | None = None) -> OpArithmetic:
+        """The profile's arithmetic for node n, as intmodel.node_arithmetic decides it for the node it becomes
+        (a depthwise conv's kernel path also depends on its requantization shifts)."""
+        if n.kind == "conv":
+            if not (n.attrs["groups"] > 1 and n.weight.shape[1] == 1):
+                return self.profile.arithmetic("conv2d")
+            a = n.attrs
+            fast = shift is not None and fast_3x3_depthwise(self.fg.node(n.inputs[0]).shape, tuple(n.weight.shape),
+                                                            a["stride"], a["padding"], a["dilation"], shift)
+            return self.profile.arithmetic("depthwise_conv2d_3x3" if fast else "depthwise_conv2d")
+        return self.profile.arithmetic({"linear": "linear", "add": "add", "cat": "concat", "avgpool": "avgpool2d"}[n.kind])
+
+    def multipliers(self, real: torch.Tensor, scheme: str = "fixed_point"):
         """(factor used in training, m, t): the hardware's m * 2^-t, with the real factor's gradient."""
         rq = self.profile.requant
         b, lo = rq.multiplier_bits, rq.shift_range[0]
+        if scheme in arith.FLOAT_SCHEMES:
+            b, lo = arith.FLOAT_SCHEMES[scheme][2], 0
         largest = ((1 << b) - 1 if b else 1) * 2.0 ** (-lo)
         wanted = np.minimum(real.detach().double().cpu().numpy().reshape(-1), largest)
-        m, t = arith.quantize_multipliers(wanted, b, rq.shift_range)
+        m, t = arith.op_multipliers(wanted, scheme, b, rq.shift_range)
         hw = torch.as_tensor(m * np.ldexp(1.0, -t), dtype=real.dtype, device=real.device).view(real.shape)
         return real + (hw - real).detach(), m, t
 
@@ -316,13 +330,13 @@ class QGraph(nn.Module):
     def node_forward(self, n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
         return getattr(self, f"_{n.kind}")(n, xs)
 
-    def _round(self, v: torch.Tensor, real_factor, m, t):
-        """v * factor rounded: in training by the profile's tie rule (STE), in eval by its exact requantization."""
+    def _round(self, v: torch.Tensor, real_factor, m, t, op: OpArithmetic):
+        """v * factor rounded: in training by the op's tie rule (STE), in eval by its exact requantization."""
         if self.training:
-            return round_like_ste(v * real_factor, self.profile.requant.rounding)
+            return round_like_ste(v * real_factor, op.rounding)
         shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
         return arith.requantize(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape),
-                                self.profile.requant.rounding)
+                                op.rounding, scheme=op.scheme)
 
     def _matmul(self, n: FNode, xs):
         (x,) = xs
@@ -337,16 +351,16 @@ class QGraph(nn.Module):
                            n.attrs["stride"], (pt, pl) if symmetric else 0, n.attrs["dilation"], n.attrs["groups"])
         else:
             acc = F.linear(centered, w_int, b_int)
-        factor, m, t = self.multipliers(self.requant_factor(n))
+        factor, m, t = self.multipliers(self.requant_factor(n), self.arithmetic(n).scheme)
+        op = self.arithmetic(n, t)
         shape = (1, -1) + (1,) * (acc.dim() - 2)
         factor = factor.to(acc.dtype).view(shape) if factor.numel() > 1 else factor.to(acc.dtype)
         bounds = self.clamp_bounds(n.name, n.act)
         if self.training:
             spec = self.profile.accumulator
             acc_range = spec.range if spec.overflow == "saturate" else None
-            return _RequantizeSTE.apply(acc, factor, self.zero_points[n.name], bounds, acc_range,
-                                        self.profile.requant.rounding)
-        y = self._round(self._accumulator(acc), factor, m, t) + self.zero_points[n.name]
+            return _RequantizeSTE.apply(acc, factor, self.zero_points[n.name], bounds, acc_range, op.rounding)
+        y = self._round(self._accumulator(acc), factor, m, t, op) + self.zero_points[n.name]
         return torch.clamp(y, *bounds)
 
     _conv = _matmul
@@ -365,8 +379,21 @@ class QGraph(nn.Module):
         return acc
 
     def add_multipliers(self, n: FNode):
-        """(factor, m, t) for each input's rescale and for the output (TFLite's twice-max scheme)."""
+        """(factor, m, t) for each input's rescale and for the output, in the profile's add form.
+
+        tflite: both inputs to twice the larger scale (after the left shift), then the sum to the output.
+        single_multiplier (XNNPACK): each input by an integer of about 21 bits (shift 0), the sum by 2^-s."""
         s_a, s_b = (self.act_scale(i) for i in n.inputs)
+        if self.arithmetic(n).form == "single_multiplier":
+            ratios = [s / self.act_scale(n.name) for s in (s_a, s_b)]
+            shift = 20 - math.floor(math.log2(float(torch.maximum(*ratios).detach())))
+            rescales = []
+            for r in ratios:
+                f = r.reshape(1) * 2.0**shift
+                m = np.rint(f.detach().double().numpy()).astype(np.int64)
+                rescales.append((f + (torch.as_tensor(m, dtype=f.dtype) - f).detach(), m, np.zeros(1, np.int64)))
+            one = torch.ones(1, dtype=s_a.dtype) * 2.0**-shift
+            return [*rescales, (one, np.ones(1, np.int64), np.full(1, shift, np.int64))]
         twice_max = 2 * torch.maximum(s_a, s_b)
         out = twice_max / (2.0**self.profile.ops.add_left_shift * self.act_scale(n.name))
         return [self.multipliers(v.reshape(1)) for v in (s_a / twice_max, s_b / twice_max, out)]
@@ -376,19 +403,21 @@ class QGraph(nn.Module):
 
     def _add(self, n: FNode, xs):
         *rescales, (factor, m, t) = self.add_multipliers(n)
+        op = self.arithmetic(n)
         total = 0
         for x, name, (f, mi, ti) in zip(xs, n.inputs, rescales):
             shifted = (x - self.zero_points[self.quant_source[name]]) * 2.0**self.profile.ops.add_left_shift
-            total = total + self._round(shifted, f.to(x.dtype), mi, ti)
-        y = self._round(total, factor.to(total.dtype), m, t) + self.zero_points[n.name]
+            total = total + self._round(shifted, f.to(x.dtype), mi, ti, op)
+        y = self._round(total, factor.to(total.dtype), m, t, op) + self.zero_points[n.name]
         return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
 
     def _cat(self, n: FNode, xs):
         qmin, qmax = self.qrange(n.name)
         parts = []
+        op = self.arithmetic(n)
         for x, name, (factor, m, t) in zip(xs, n.inputs, self.cat_multipliers(n)):
             centered = x - self.zero_points[self.quant_source[name]]
-            parts.append(torch.clamp(self._round(centered, factor.to(x.dtype), m, t) + self.zero_points[n.name],
+            parts.append(torch.clamp(self._round(centered, factor.to(x.dtype), m, t, op) + self.zero_points[n.name],
                                      qmin, qmax))
         return torch.cat(parts, dim=1)
 
@@ -408,9 +437,12 @@ class QGraph(nn.Module):
         else:
             ones = F.pad(torch.ones_like(x[:1, :1]), (pl, pr, pt, pb))
             count = F.avg_pool2d(ones, (kh, kw), a["stride"], divisor_override=1)
-        if self.training:
-            return round_like_ste(total / count, self.profile.requant.rounding) + zp
-        return arith.divide_rounded(total.round(), count, self.profile.requant.rounding) + zp
+        op = self.arithmetic(n)
+        if self.training:  # the raw domain's mean is the centred one plus the zero point
+            if op.domain == "raw":
+                return round_like_ste(total / count + zp, op.rounding)
+            return round_like_ste(total / count, op.rounding) + zp
+        return arith.average(total.round(), count, zp, op.rounding, op.domain)
 
     def _reshape(self, n: FNode, xs):
         return xs[0].reshape((xs[0].shape[0],) + n.shape)
@@ -450,10 +482,12 @@ class QGraph(nn.Module):
         for n in self.fg.nodes[1:]:
             quant = self.tensor_quant(n.name)
             if n.kind in ("conv", "linear"):
-                _, m, t = self.multipliers(self.requant_factor(n))
+                scheme = self.arithmetic(n).scheme  # the 3x3 fast path keeps the depthwise scheme
+                _, m, t = self.multipliers(self.requant_factor(n), scheme)
                 arrays = {"weight": self.int_weight(n).double().numpy().astype(w_dtype),
                           "bias": self.int_bias(n).double().numpy().astype(np.int32),
-                          "multiplier": m.astype(np.int32), "shift": t.astype(np.int32)}
+                          "multiplier": m.astype(np.int64 if scheme == "float64" else np.int32),
+                          "shift": t.astype(np.int32)}
                 attrs = {"clamp": list(self.clamp_bounds(n.name, n.act))}
                 if n.kind == "conv":
                     attrs.update(stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),

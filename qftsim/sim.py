@@ -256,7 +256,7 @@ class _Simulator:
         peak = max(-acc_min, acc_max) if outside is None else None
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
-        op = node_arithmetic(node, self.profile)
+        op = node_arithmetic(node, self.profile, self.model.shapes[node.inputs[0]])
         y = arith.requantize(acc, m, t, op.rounding, acc_peak=peak, scheme=op.scheme)
         y = y.to(torch.float32).add_(node.quant.zero_point)
         return self._apply_clamp(node, y, rep)
@@ -348,6 +348,15 @@ class _Simulator:
         y = arith.average(total, count, q.zero_point, op.rounding, op.domain)
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y
+
+    def _mean(self, node, xs, in_quants):
+        """The sum over height and width of the centred values, requantized to the output's scale."""
+        (x,), (q,) = xs, in_quants
+        total = (x.to(torch.float64) - q.zero_point).sum(dim=(2, 3))  # exact: below 2^31
+        op = node_arithmetic(node, self.profile)
+        m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
+        y = arith.requantize(total, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
+        return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 
     def _clamp(self, node, xs, in_quants):
         return self._apply_clamp(node, xs[0].clone(), LayerReport(node.name, node.op, xs[0].numel()))

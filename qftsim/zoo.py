@@ -32,7 +32,7 @@ def random_cnn(profile: HardwareProfile | str = "int8-default", channels: int = 
     for i, (c_out, groups) in enumerate(specs):
         q_out = TensorQuant(a.bits, relu_signed, 0, 0.05)
         w = rng.integers(p.weights.qmin, p.weights.qmax + 1, size=(c_out, c_in // groups, 3, 3)).astype(np.int8)
-        m, t = _multipliers(p, c_out, prev_q, w)
+        m, t = _multipliers(p, c_out, prev_q, w, "depthwise_conv2d" if groups > 1 else "conv2d")
         nodes.append(Node(f"conv{i}", "conv2d", [prev], q_out,
                           {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": groups,
                            "clamp": [q_out.zero_point, q_out.qmax]},
@@ -44,7 +44,7 @@ def random_cnn(profile: HardwareProfile | str = "int8-default", channels: int = 
     nodes.append(Node("flat", "reshape", ["pool"], prev_q, {"shape": [-1]}))
     q_logits = TensorQuant(a.bits, signed, mid, 0.1)
     w = rng.integers(p.weights.qmin, p.weights.qmax + 1, size=(classes, c_in)).astype(np.int8)
-    m, t = _multipliers(p, classes, prev_q, w)
+    m, t = _multipliers(p, classes, prev_q, w, "linear")
     nodes.append(Node("fc", "linear", ["flat"], q_logits, {"clamp": [q_logits.qmin, q_logits.qmax]},
                       {"weight": w, "bias": np.zeros(classes, dtype=np.int32), "multiplier": m, "shift": t}))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
@@ -52,14 +52,15 @@ def random_cnn(profile: HardwareProfile | str = "int8-default", channels: int = 
     return model, nn.Sequential(*layers).eval()
 
 
-def _multipliers(p: HardwareProfile, out_channels: int, q_in: TensorQuant, w: np.ndarray):
-    """Per-channel multipliers that map a typical accumulator onto the output range."""
+def _multipliers(p: HardwareProfile, out_channels: int, q_in: TensorQuant, w: np.ndarray, op: str):
+    """Per-channel multipliers that map a typical accumulator onto the output range (as op `op` stores them)."""
     per_row = w[0].size
     spread = max(q_in.qmax - q_in.zero_point, q_in.zero_point - q_in.qmin) * max(abs(p.weights.qmin), 1)
     real = (2 ** (p.activations.bits - 1)) / (spread * np.sqrt(per_row))
     count = out_channels if p.requant.per_channel else 1
-    pairs = [arith.quantize_multiplier(real, p.requant.multiplier_bits, p.requant.shift_range)] * count
-    return (np.array([m for m, _ in pairs], dtype=np.int32), np.array([t for _, t in pairs], dtype=np.int32))
+    scheme = p.arithmetic(op).scheme
+    m, t = arith.op_multipliers(np.full(count, real), scheme, p.requant.multiplier_bits, p.requant.shift_range)
+    return m.astype(np.int64 if scheme == "float64" else np.int32), t.astype(np.int32)
 
 
 # ---------------------------------------------------------------- reference networks on MNIST

@@ -14,7 +14,7 @@ from qftsim import QftsimError, arith, intmodel, list_profiles, load_profile
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
-SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "add", "concat", "clamp", "lut")
+SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "concat", "clamp", "lut")
 FLAT_OPS = ("linear", "linear", "clamp", "lut", "add")
 
 
@@ -181,6 +181,14 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
                 attrs = {}
             channels = sum(b.shapes[mbr][0] for mbr in members)
             current = b.add(name, "concat", members, out_q, attrs, None, (channels,) + shape[1:])
+        elif op == "mean":
+            c, h, w = shape
+            out_q = b.quant()
+            spread = max(q.qmax - q.zero_point, q.zero_point - q.qmin, 1) * h * w
+            m, t = b.requant_pair(1, spread, p.arithmetic("mean").scheme)
+            m_dtype = np.int64 if p.arithmetic("mean").scheme == "float64" else np.int32
+            current = b.add(name, "mean", [current], out_q, {"clamp": b.clamp_for(out_q)},
+                            {"multiplier": m.astype(m_dtype), "shift": t.astype(np.int32)}, (c,))
         elif op == "clamp":
             current = b.add(name, "clamp", [current], q, {"clamp": b.clamp_for(q)}, None, shape)
         elif op == "lut":

@@ -129,8 +129,8 @@ def run_model(model, x):
         ins = [env[s] for s in node.inputs]
         qin = [model.quant_of(s) for s in node.inputs]
         a, arr, qo = node.attrs, node.arrays, node.quant
-        if node.op in ("conv2d", "linear", "add", "concat", "avgpool2d"):
-            op_arith = node_arithmetic(node, p)
+        if node.op in ("conv2d", "linear", "mean", "add", "concat", "avgpool2d"):
+            op_arith = node_arithmetic(node, p, model.shapes[node.inputs[0]])
             rounding, scheme = op_arith.rounding, op_arith.scheme
         if node.op == "conv2d":
             (xv,), (q,) = ins, qin
@@ -211,6 +211,13 @@ def run_model(model, x):
                         out[n, c, y, xx] = divide(sum(vals) + (count - len(vals)) * q.zero_point, count, rounding)
                     else:
                         out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point
+        elif node.op == "mean":
+            (xv,), (q,) = ins, qin
+            out = np.empty(xv.shape[:2], dtype=object)
+            for n, c in np.ndindex(*xv.shape[:2]):
+                total = sum(int(v) - q.zero_point for v in xv[n, c].flat)
+                r = requantize(total, int(arr["multiplier"][0]), int(arr["shift"][0]), rounding, scheme) + qo.zero_point
+                out[n, c] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "clamp":
             out = np.vectorize(lambda v: max(a["clamp"][0], min(a["clamp"][1], int(v))), otypes=[object])(ins[0])
         elif node.op == "reshape":

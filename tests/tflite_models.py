@@ -14,6 +14,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 import flatbuffers
 
+OPS = fb.BuiltinOperator
 ACTIVATIONS = {None: fb.ActivationFunctionType.NONE, "relu": fb.ActivationFunctionType.RELU,
                "relu6": fb.ActivationFunctionType.RELU6, "relu_n1_to_1": fb.ActivationFunctionType.RELU_N1_TO_1}
 
@@ -135,6 +136,22 @@ class FloatModel:
         shape = self.shapes[xs[0]][:3] + (sum(self.shapes[x][3] for x in xs),)
         return self._op(fb.BuiltinOperator.CONCATENATION, xs, shape, fb.BuiltinOptions.ConcatenationOptions, opt)
 
+    def pad(self, x: int, pads: list[int]) -> int:
+        """Zero padding of height and width: pads = [top, bottom, left, right]."""
+        n, h, w, c = self.shapes[x]
+        top, bottom, left, right = pads
+        spec = self._tensor((4, 2), np.array([[0, 0], [top, bottom], [left, right], [0, 0]], dtype=np.int32),
+                            dtype=fb.TensorType.INT32)
+        return self._op(fb.BuiltinOperator.PAD, [x, spec], (n, h + top + bottom, w + left + right, c),
+                        fb.BuiltinOptions.PadOptions, fb.PadOptionsT())
+
+    def unary(self, x: int, code: int) -> int:
+        """An op of one input and no options that keeps the shape (LOGISTIC, HARD_SWISH, SOFTMAX, ...)."""
+        options = (fb.BuiltinOptions.SoftmaxOptions, fb.SoftmaxOptionsT()) if code == OPS.SOFTMAX else (0, None)
+        if code == OPS.SOFTMAX:
+            options[1].beta = 1.0
+        return self._op(code, [x], self.shapes[x], *options)
+
     def flatten(self, x: int) -> int:
         shape = self.shapes[x]
         target = self._tensor((2,), np.array([shape[0], int(np.prod(shape[1:]))], dtype=np.int32),
@@ -186,3 +203,61 @@ def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
     samples = [{"input": calibration[i:i + 1].astype(np.float32)} for i in range(len(calibration))]
     result = q.calibrate({"serving_default": samples}, num_threads=1)
     return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
+
+
+def _fixture_mixed(seed: int) -> tuple[FloatModel, int]:
+    """conv, depthwise stride 2, 1x1 conv, residual add, SAME average pool, max pool, mean, fc."""
+    m = FloatModel((1, 12, 12, 5), seed)
+    x = m.conv(m.input, 16, 3, 1, "same", "relu")
+    y = m.depthwise(x, 3, 2, "same", "relu6")
+    s = m.add(y, m.conv(y, 16, 1, 1, "same"), "relu")
+    p = m.pool(m.pool(s, "avg", 3, 1, "same"), "max", 2, 2, "valid")
+    return m, m.fully_connected(m.mean(p), 10)
+
+
+def _fixture_padded(seed: int) -> tuple[FloatModel, int]:
+    """PAD folded into a VALID conv, RELU_N1_TO_1, channel concat, a flatten of (H, W, C) into an fc."""
+    m = FloatModel((1, 9, 7, 3), seed)
+    x = m.conv(m.pad(m.input, [1, 2, 0, 1]), 6, 3, 1, "valid", "relu_n1_to_1")
+    c = m.concat([m.conv(x, 2, 1, 1, "same", "relu"), m.depthwise(x, 5, 1, "same")])
+    d = m.conv(c, 4, 5, 2, "same", "relu6")
+    return m, m.fully_connected(m.flatten(d), 7, "relu")
+
+
+def _fixture_single_channel(seed: int) -> tuple[FloatModel, int]:
+    """One input channel, odd sizes, kernel 5 at stride 2, VALID pools, ReLU6 with a clamp that bites."""
+    m = FloatModel((1, 11, 13, 1), seed)
+    x = m.conv(m.input, 3, 5, 2, "valid", "relu6")
+    x = m.pool(m.depthwise(x, 3, 1, "valid", "relu6"), "avg", 2, 1, "valid")
+    return m, m.add(x, m.conv(x, 3, 1, 1, "same"))
+
+
+def _fixture_wide(seed: int) -> tuple[FloatModel, int]:
+    """Many outputs per op, so that ties (where rounding rules differ) are common: a wide mean, a wide fc."""
+    m = FloatModel((1, 12, 12, 8), seed)
+    x = m.conv(m.input, 32, 3, 1, "same")
+    s = m.add(x, m.conv(x, 32, 1, 1, "same"))
+    d = m.pool(m.depthwise(s, 3, 1, "same"), "avg", 2, 2, "valid")
+    wide = m.conv(m.pool(d, "avg", 2, 1, "valid"), 96, 1, 1, "same")  # a mean over 5 x 5
+    return m, m.fully_connected(m.mean(wide), 300)
+
+
+FIXTURES = {"wide": _fixture_wide, "mixed": _fixture_mixed, "padded": _fixture_padded, "single_channel": _fixture_single_channel}
+
+
+def write_fixtures(folder) -> None:
+    """Regenerate tests/fixtures/litert/*.tflite (python -m tests.tflite_models)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, build) in enumerate(FIXTURES.items()):
+        m, out = build(seed)
+        calibration = np.random.default_rng(seed).standard_normal((16, *m.shapes[m.input][1:])).astype(np.float32)
+        (folder / f"{name}.tflite").write_bytes(quantize_int8(m.to_bytes(out), calibration))
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    write_fixtures(Path(__file__).parent / "fixtures" / "litert")

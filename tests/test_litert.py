@@ -1,0 +1,280 @@
+"""Conformance against LiteRT's interpreter: every tensor of an imported .tflite equals the engine's, bit for bit.
+
+Generated CNNs are written as float TFLite models, quantized by
+ai-edge-quantizer's static W8A8 route (an outside converter, as users do),
+imported by qftsim and run on the same int8 inputs by the interpreter (with
+the op resolver each profile names), by qftsim's simulator and by the
+TVM-compiled import. The fixtures under tests/fixtures/litert/ are such
+models, kept so that the tests run where the quantizer is not installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from qftsim import QftsimError
+from qftsim.importers import _TfliteImporter, from_tflite
+from qftsim.profile import load_profile
+from qftsim.sim import AccumulatorOverflowWarning, simulate
+
+pytestmark = pytest.mark.filterwarnings("ignore:Warning. Enabling `experimental_preserve_all_tensors`")
+litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed (pip install "
+                             "-e '.[dev]'): the LiteRT conformance tests need its interpreter")
+
+FIXTURES = Path(__file__).parent / "fixtures" / "litert"
+RANDOM_SAMPLES = 24  # random inputs per fixture, besides the four edge inputs
+ENGINES = {
+    "litert-reference": litert.OpResolverType.BUILTIN_REF,
+    "litert-optimized": litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    "litert-xnnpack": litert.OpResolverType.AUTO,
+}
+
+
+def edge_inputs(shape, zero_point: int, rng: np.random.Generator, random: int = 3) -> np.ndarray:
+    """Random int8 batches and the edges: all -128, all 127, the zero point, a -128/127 checkerboard."""
+    checker = np.where(np.indices(shape[1:]).sum(0) % 2 == 0, -128, 127)
+    edges = [np.full(shape[1:], -128), np.full(shape[1:], 127), np.full(shape[1:], zero_point), checker]
+    batch = [rng.integers(-128, 128, shape[1:]) for _ in range(random)] + edges
+    return np.stack(batch).astype(np.int8)
+
+
+def engine_tensors(model: bytes, resolver, x_nhwc: np.ndarray, every_tensor: bool = True) -> list[dict]:
+    """The tensors the interpreter computed, by index, per sample (it runs at the model's batch of one).
+
+    every_tensor keeps the intermediates (a debugging mode of the interpreter); without it the
+    interpreter runs exactly as deployed and only the outputs are read."""
+    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=resolver,
+                                     experimental_preserve_all_tensors=every_tensor, num_threads=1)
+    interpreter.allocate_tensors()
+    index = interpreter.get_input_details()[0]["index"]
+    wanted = range(len(interpreter.get_tensor_details())) if every_tensor else \
+        [d["index"] for d in interpreter.get_output_details()]
+    runs = []
+    for sample in x_nhwc:
+        interpreter.set_tensor(index, sample[None])
+        interpreter.invoke()
+        runs.append({i: interpreter.get_tensor(i).copy() for i in wanted})
+    return runs
+
+
+def to_nhwc(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+@dataclasses.dataclass
+class Tally:
+    """Elements compared and elements that differ, per (profile, op)."""
+
+    compared: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    differ: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def total_differ(self) -> int:
+        return sum(self.differ.values())
+
+
+TALLY = Tally()  # summed over the whole run, printed at the end (the issue's per-op table)
+
+
+def compare_with_engine(model: bytes, profile, resolver, x_nhwc: np.ndarray, tally: Tally = TALLY) -> int:
+    """Import `model` for `profile`, simulate it and count the elements of every tensor that differ."""
+    importer = _TfliteImporter(model, load_profile(profile), "<test>")
+    int_model = importer.run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        ours = simulate(int_model, to_nchw(x_nhwc), keep_tensors=True).tensors
+    ops = {n.name: n.op for n in int_model.nodes}
+    differ = 0
+    deployed = engine_tensors(model, resolver, x_nhwc, every_tensor=False)
+    for sample, theirs in enumerate(engine_tensors(model, resolver, x_nhwc)):
+        for index in deployed[sample]:  # the debugging mode computes what the deployed interpreter does
+            assert np.array_equal(deployed[sample][index], theirs[index]), (int_model.profile.name, index)
+        for index, name in importer.tensor_of.items():
+            ref = theirs[index]
+            got = ours[name][sample:sample + 1]
+            if index in importer.hwc_flat:  # qftsim flattens (C, H, W); TFLite flattened (H, W, C)
+                h, w, c = importer.hwc_flat[index]
+                got = got.reshape(1, c, h, w)
+            got = to_nhwc(got).reshape(ref.shape)
+            key = (int_model.profile.name, ops.get(name, "input"))
+            tally.compared[key] += ref.size
+            n = int((got != ref).sum())
+            tally.differ[key] += n
+            differ += n
+    return differ
+
+
+def to_nchw(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
+
+
+# ---------------------------------------------------------------- generated networks
+
+@st.composite
+def networks(draw):
+    """A small float CNN over the importer's ops: (float .tflite bytes, input shape, seed)."""
+    from tests.tflite_models import FloatModel
+
+    size = draw(st.integers(4, 11))
+    channels = draw(st.sampled_from([1, 2, 3, 5]))
+    seed = draw(st.integers(0, 2**16))
+    m = FloatModel((1, size, size, channels), seed)
+    x = m.input
+    activations = st.sampled_from([None, "relu", "relu6", "relu_n1_to_1"])
+    for _ in range(draw(st.integers(1, 4))):
+        _, h, w, c = m.shapes[x]
+        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "residual", "pool", "concat", "pad"]))
+        if kind in ("conv", "depthwise"):
+            k = draw(st.sampled_from([1, 3, 5]))
+            padding = draw(st.sampled_from(["same", "valid"]))
+            if padding == "valid" and k > min(h, w):
+                continue
+            stride = draw(st.sampled_from([1, 2]))
+            if kind == "conv":
+                x = m.conv(x, draw(st.sampled_from([1, 3, 4, 8])), k, stride, padding, draw(activations))
+            else:
+                x = m.depthwise(x, k, stride, padding, draw(activations))
+        elif kind == "residual":
+            x = m.add(x, m.conv(x, c, draw(st.sampled_from([1, 3])), 1, "same", draw(activations)), draw(activations))
+        elif kind == "pool":
+            k = draw(st.integers(1, min(3, h, w)))
+            x = m.pool(x, draw(st.sampled_from(["avg", "max"])), k, draw(st.sampled_from([1, 2])),
+                       draw(st.sampled_from(["same", "valid"])))
+        elif kind == "concat":
+            x = m.concat([m.conv(x, draw(st.sampled_from([1, 2, 3])), 1, 1, "same") for _ in range(2)])
+        else:
+            x = m.conv(m.pad(x, [draw(st.integers(0, 2)) for _ in range(4)]), draw(st.sampled_from([2, 4])), 3, 1,
+                       "valid", draw(activations))
+    head = draw(st.sampled_from(["none", "mean", "flatten"]))
+    if head == "mean":
+        x = m.fully_connected(m.mean(x), draw(st.integers(1, 12)), draw(st.sampled_from([None, "relu"])))
+    elif head == "flatten":
+        x = m.fully_connected(m.flatten(x), draw(st.integers(1, 12)))
+    return m.to_bytes(x), (1, size, size, channels), seed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks())
+def test_generated_networks_equal_litert_on_every_tensor(network):
+    pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is not installed: generated networks "
+                        "need it (the fixtures below still run)")
+    from tests.tflite_models import quantize_int8
+
+    float_model, shape, seed = network
+    rng = np.random.default_rng(seed)
+    model = quantize_int8(float_model, rng.standard_normal((8, *shape[1:])).astype(np.float32))
+    # A layer whose calibration outputs were all zero (a ReLU of negatives) gets a scale near 1e-12: XNNPACK
+    # refuses such a model and the reference kernels overflow int32 (undefined behaviour in C++).
+    assume(min(q.scale for q in _activation_quants(model)) > 1e-6)
+    zero_point = from_tflite(model, "litert-reference").inputs[0].quant.zero_point
+    x = edge_inputs(shape, zero_point, rng)
+    for profile, resolver in ENGINES.items():
+        assert compare_with_engine(model, profile, resolver, x) == 0, profile
+
+
+def _activation_quants(model: bytes):
+    int_model = from_tflite(model, "litert-reference")
+    return [i.quant for i in int_model.inputs] + [n.quant for n in int_model.nodes]
+
+
+def fixtures() -> list[Path]:
+    return sorted(FIXTURES.glob("*.tflite"))
+
+
+@pytest.mark.parametrize("path", fixtures(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", ENGINES)
+def test_fixture_equals_litert_on_every_tensor(path, profile):
+    model = path.read_bytes()
+    shape = tuple(from_tflite(model, profile).inputs[0].shape)
+    zero_point = from_tflite(model, profile).inputs[0].quant.zero_point
+    x = edge_inputs((1, shape[1], shape[2], shape[0]) if len(shape) == 3 else (1, *shape), zero_point,
+                    np.random.default_rng(0), random=RANDOM_SAMPLES)
+    assert compare_with_engine(model, profile, ENGINES[profile], x) == 0
+
+
+@pytest.mark.parametrize("profile,op,rule", [
+    ("litert-reference", "linear", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
+    ("litert-reference", "mean", {"rounding": "ruy"}),
+    ("litert-reference", "avgpool2d", {"domain": "centred"}),
+    ("litert-optimized", "conv2d", {"rounding": "gemmlowp_double"}),
+    ("litert-optimized", "depthwise_conv2d_3x3", {"rounding": "gemmlowp_double"}),
+    ("litert-optimized", "depthwise_conv2d", {"rounding": "ruy"}),
+    ("litert-optimized", "linear", {"rounding": "gemmlowp_double"}),
+    ("litert-xnnpack", "conv2d", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
+    ("litert-xnnpack", "mean", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
+])
+def test_a_swapped_rounding_rule_is_caught(profile, op, rule):
+    """The comparison has teeth: one rule changed in one op of the profile makes the fixtures differ."""
+    data = load_profile(profile).to_dict()
+    data["arithmetic"] = {**data.get("arithmetic", {}), op: {**data.get("arithmetic", {}).get(op, {}), **rule}}
+    swapped = load_profile(profile).from_dict(data)
+    tally = Tally()
+    differ = 0
+    for path in fixtures():
+        model = path.read_bytes()
+        shape = from_tflite(model, swapped).inputs[0].shape
+        x = edge_inputs((1, shape[1], shape[2], shape[0]), 0, np.random.default_rng(1), random=RANDOM_SAMPLES)
+        differ += compare_with_engine(model, swapped, ENGINES[profile], x, tally)
+    assert differ > 0
+
+
+def test_compiled_import_equals_litert():
+    """The TVM-compiled imports (one module for all fixtures and profiles) give the engine's outputs."""
+    import tvm
+    from tvm import relax
+
+    from export.build import compile_module
+    from export.lower import lower_into
+
+    bb = relax.BlockBuilder()
+    cases = []
+    for path in fixtures():
+        model = path.read_bytes()
+        for profile in ENGINES:
+            int_model = from_tflite(model, profile)
+            lower_into(bb, int_model, f"m{len(cases)}")
+            cases.append((model, profile, int_model))
+    vm = relax.VirtualMachine(compile_module(bb.get(), "host"), tvm.cpu())
+    for i, (model, profile, int_model) in enumerate(cases):
+        c, h, w = int_model.inputs[0].shape
+        x = edge_inputs((1, h, w, c), int_model.inputs[0].quant.zero_point, np.random.default_rng(2))
+        compiled = vm[f"m{i}"](tvm.runtime.tensor(to_nchw(x))).numpy()
+        importer = _TfliteImporter(model, load_profile(profile), "<test>")
+        importer.run()
+        (out_index,) = [k for k, v in importer.tensor_of.items() if v == int_model.outputs[0]]
+        for sample, theirs in enumerate(engine_tensors(model, ENGINES[profile], x, every_tensor=False)):
+            ref = theirs[out_index]
+            assert np.array_equal(to_nhwc(compiled[sample:sample + 1]).reshape(ref.shape), ref), (profile, sample)
+
+
+def test_unsupported_op_is_one_line_naming_op_index_and_tensor():
+    pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is not installed")
+    from tests.tflite_models import OPS, FloatModel, quantize_int8
+
+    m = FloatModel((1, 4, 4, 2))
+    softmax = m.unary(m.fully_connected(m.mean(m.input), 3), OPS.SOFTMAX)
+    model = quantize_int8(m.to_bytes(softmax), np.random.default_rng(0).standard_normal((4, 4, 4, 2)))
+    with pytest.raises(QftsimError, match=r"op 2 \(SOFTMAX\) producing tensor \d+ \('output'\) is not supported"):
+        from_tflite(model, "litert-xnnpack")
+
+
+def test_not_a_tflite_file_is_refused(tmp_path):
+    bad = tmp_path / "x.tflite"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(QftsimError, match="not a TFLite flatbuffer"):
+        from_tflite(bad, "litert-xnnpack")
+
+
+def test_report_per_profile_and_op(capsys):
+    """Prints what the run compared (the issue's table): elements compared and differing, per profile and op."""
+    rows = sorted(TALLY.compared)
+    with capsys.disabled():
+        for key in rows:
+            print(f"\n{key[0]:18s} {key[1]:10s} compared {TALLY.compared[key]:9d} differ {TALLY.differ[key]}", end="")
+    assert TALLY.total_differ() == 0
