@@ -73,6 +73,11 @@ class IntExpr:
     def floor(self):
         return IntExpr(self.bb, self.bb.emit(relax.op.floor(self.expr)), self.dtype)
 
+    def select(self, mask: np.ndarray, a: "IntExpr", b: "IntExpr") -> "IntExpr":
+        """a where the constant boolean `mask` holds, else b."""
+        cond = relax.const(mask, dtype="bool")
+        return IntExpr(self.bb, self.bb.emit(relax.op.where(cond, a.expr, b.expr)), a.dtype)
+
     def where(self, a, b):
         """Elementwise a where this boolean tensor holds, else b (in the dtype of whichever is a tensor)."""
         ref = a if isinstance(a, IntExpr) else b
@@ -148,8 +153,8 @@ def _matmul_epilogue(node: Node, exact: IntExpr, model: IntModel, channel_shape)
     """Requantization, zero point and clamp of the accumulator."""
     m = node.arrays["multiplier"].astype(np.int64).reshape(channel_shape)
     t = node.arrays["shift"].astype(np.int64).reshape(channel_shape)
-    op = node_arithmetic(node, model.profile, model.shapes[node.inputs[0]])
-    y = arith.requantize(exact, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
+    y = arith.requantize_channels(exact, m, t, node_arithmetic(node, model.profile), len(node.arrays["weight"]))
+    y = y + node.quant.zero_point
     return y.clip(*node.attrs["clamp"])
 
 

@@ -214,6 +214,21 @@ def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = N
     return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
 
 
+def requantize_channels(acc, multiplier, shift, op, channels: int, acc_peak: float | None = None):
+    """`requantize` by an op's arithmetic (a profile.OpArithmetic) for an accumulator of `channels` output
+    channels on axis 1 (`multiplier` and `shift` already shaped to broadcast): its scheme and rounding,
+    and where it rounds the channels past its last whole block of op.channel_block apart, their rounding."""
+    y = requantize(acc, multiplier, shift, op.rounding, acc_peak, op.scheme)
+    start = channels // op.channel_block * op.channel_block if op.channel_block else channels
+    if start == channels:
+        return y
+    tail = requantize(acc, multiplier, shift, op.tail_rounding, acc_peak, op.scheme)
+    in_tail = (np.arange(channels) >= start).reshape((1, channels) + (1,) * (np.ndim(multiplier) - 2))
+    if _is_expr(y):
+        return y.select(in_tail, tail, y)
+    return _where(torch.from_numpy(in_tail) if _is_torch(y) else in_tail, tail, y)
+
+
 def _requantize_int64(v, m, t, rounding: str):
     if rounding in ("gemmlowp_double", "ruy"):
         exponent = 31 - t

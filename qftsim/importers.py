@@ -21,7 +21,8 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, load_profile
 
 TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
-              "CONCATENATION", "RESHAPE", "PAD", "QUANTIZE", "DEQUANTIZE")
+              "CONCATENATION", "RESHAPE", "PAD", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE")
+TO_NHWC = (0, 2, 3, 1)
 
 
 def _schema():
@@ -65,6 +66,7 @@ class _TfliteImporter:
         self.tensor_of: dict[int, str] = {}  # tflite tensor index -> IntModel tensor name
         self.pending_pad: dict[int, list[int]] = {}  # PAD output -> [top, left, bottom, right]
         self.hwc_flat: dict[int, tuple[int, int, int]] = {}  # flattened NHWC tensor -> its (H, W, C)
+        self.nchw: set[int] = set()  # 4-D tensors laid out NCHW: a channels-first input before its TRANSPOSE
         self.names: set[str] = set()
 
     # ------------------------------------------------------------ tensors
@@ -103,6 +105,23 @@ class _TfliteImporter:
     def _shape(self, index: int) -> tuple[int, ...]:
         return tuple(int(v) for v in self._tensor(index).shape)
 
+    def _hwc(self, index: int) -> tuple[int, int, int]:
+        """Height, width and channels of a 4-D tensor, whichever its layout."""
+        n, a, b, c = self._shape(index)
+        return (b, c, a) if index in self.nchw else (a, b, c)
+
+    def _consumers(self, index: int) -> list:
+        return [o for o in self.graph.operators if index in list(o.inputs)]
+
+    def _channels_first_input(self, index: int) -> bool:
+        """Whether the input is NCHW: a TRANSPOSE to NHWC takes it, directly or after a PAD (litert-torch's edge)."""
+        for op in self._consumers(index):
+            if self._code(op) == "PAD" and op.inputs[0] == index:
+                return self._channels_first_input(op.outputs[0])
+            if self._code(op) == "TRANSPOSE" and tuple(self._const(op.inputs[1]).reshape(-1)) == TO_NHWC:
+                return True
+        return False
+
     def _fail_tensor(self, index: int, message: str) -> QftsimError:
         return QftsimError(f"{self.source}: tensor {index} ({self._tname(index)!r}) {message}")
 
@@ -129,7 +148,10 @@ class _TfliteImporter:
             first = ops[0][1].outputs[0]
             ops = ops[1:]
         shape = self._shape(first)
-        if len(shape) == 4:
+        if len(shape) == 4 and self._channels_first_input(first):
+            self.nchw.add(first)
+            shape = shape[1:]
+        elif len(shape) == 4:
             shape = (shape[3], shape[1], shape[2])
         elif len(shape) == 2:
             shape = (shape[1],)
@@ -151,7 +173,7 @@ class _TfliteImporter:
                                   f"{', '.join(TFLITE_OPS)} (QUANTIZE/DEQUANTIZE only at the edges)")
             for src in op.inputs:
                 if src >= 0 and self._tensor(src).buffer == 0 and src not in self.tensor_of \
-                        and src not in self.pending_pad and src not in self.hwc_flat:
+                        and src not in self.pending_pad:
                     raise self._fail_tensor(src, f"feeds op {i} ({code}) but is not produced before it")
             handler(i, op)
         missing = [o for o in outputs if o not in self.tensor_of]
@@ -229,24 +251,43 @@ class _TfliteImporter:
         return self.tensor_of[index], [0, 0, 0, 0]
 
     def _op_pad(self, i, op):
-        x, paddings = op.inputs[0], self._const(op.inputs[1]).astype(np.int64)
-        if len(self._shape(x)) != 4 or paddings[0].any() or paddings[3].any():
-            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) of batch or channels; only H and W fold")
-        if self._quant(x) != self._quant(op.outputs[0]):
-            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) that changes quantization")
-        consumers = [o for o in self.graph.operators if op.outputs[0] in list(o.inputs)]
-        if not consumers or any(self._code(c) not in ("CONV_2D", "DEPTHWISE_CONV_2D") or c.inputs[0] != op.outputs[0]
-                                for c in consumers):
-            raise self._fail_tensor(op.outputs[0], f"is a PAD (op {i}) that does not feed only convolutions; "
+        x, out, paddings = op.inputs[0], op.outputs[0], self._const(op.inputs[1]).astype(np.int64)
+        h_axis, w_axis = (2, 3) if x in self.nchw else (1, 2)
+        spatial = {h_axis, w_axis}
+        if len(self._shape(x)) != 4 or any(paddings[a].any() for a in range(4) if a not in spatial):
+            raise self._fail_tensor(out, f"is a PAD (op {i}) of batch or channels; only H and W fold")
+        if self._quant(x) != self._quant(out) or x in self.pending_pad:
+            raise self._fail_tensor(out, f"is a PAD (op {i}) that changes quantization or follows another PAD")
+        consumers = self._consumers(out)
+        if not consumers or any(self._code(c) not in ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE")
+                                or c.inputs[0] != out for c in consumers):
+            raise self._fail_tensor(out, f"is a PAD (op {i}) that does not feed only convolutions; "
                                     "qftsim folds PAD into the next conv")
-        self.pending_pad[op.outputs[0]] = (x, [int(paddings[1][0]), int(paddings[2][0]), int(paddings[1][1]),
-                                               int(paddings[2][1])])
+        if x in self.nchw:
+            self.nchw.add(out)
+        self.pending_pad[out] = (x, [int(paddings[h_axis][0]), int(paddings[w_axis][0]), int(paddings[h_axis][1]),
+                                     int(paddings[w_axis][1])])
+
+    def _op_transpose(self, i, op):
+        """The channels-first input's TRANSPOSE to NHWC: qftsim's tensors are channels-first already."""
+        x, out = op.inputs[0], op.outputs[0]
+        perm = tuple(int(v) for v in self._const(op.inputs[1]).reshape(-1))
+        if x not in self.nchw or perm != TO_NHWC:
+            raise self._fail_tensor(out, f"is a TRANSPOSE (op {i}) with perm {list(perm)}; qftsim imports only the "
+                                    "one that turns a channels-first input into NHWC")
+        if self._quant(x) != self._quant(out):
+            raise self._fail_tensor(out, f"is a TRANSPOSE (op {i}) that changes quantization")
+        if x in self.pending_pad:
+            self.pending_pad[out] = self.pending_pad[x]
+        else:
+            self.tensor_of[out] = self.tensor_of[x]
 
     def _conv_common(self, i, op, weight_oihw: np.ndarray, groups: int, kind: str):
+        """A CONV_2D or DEPTHWISE_CONV_2D (kind) as a conv2d node that keeps which kernel it was."""
         opt = op.builtinOptions
         src, pads = self._conv_input(op.inputs[0])
         x = self.pending_pad[op.inputs[0]][0] if op.inputs[0] in self.pending_pad else op.inputs[0]
-        _, h, w, _ = self._shape(x)
+        h, w, _ = self._hwc(x)
         h, w = h + pads[0] + pads[2], w + pads[1] + pads[3]
         kernel, stride = weight_oihw.shape[2:], (opt.strideH, opt.strideW)
         dilation = (opt.dilationHFactor or 1, opt.dilationWFactor or 1)
@@ -257,7 +298,8 @@ class _TfliteImporter:
         m, t = self._multipliers(kind, q_in.scale, self._per_channel(op.inputs[1], weight_oihw.shape[0]),
                                  self._quant(out).scale)
         self._emit(out, "conv2d", [src], {"stride": list(stride), "padding": padding, "dilation": list(dilation),
-                                          "groups": groups, "clamp": self._clamp(opt.fusedActivationFunction, out)},
+                                          "groups": groups, "clamp": self._clamp(opt.fusedActivationFunction, out),
+                                          "depthwise": kind == "depthwise_conv2d"},
                    {"weight": weight_oihw.astype(np.int8), "bias": bias, "multiplier": m, "shift": t})
 
     def _per_channel(self, weight_index: int, channels: int) -> np.ndarray:
@@ -279,7 +321,7 @@ class _TfliteImporter:
     def _op_depthwise_conv_2d(self, i, op):
         w = self._const(op.inputs[1])  # 1, H, W, C * multiplier
         x = self.pending_pad[op.inputs[0]][0] if op.inputs[0] in self.pending_pad else op.inputs[0]
-        channels = self._shape(x)[3]
+        channels = self._hwc(x)[2]
         self._conv_common(i, op, w.transpose(3, 0, 1, 2), channels, "depthwise_conv2d")
 
     def _op_fully_connected(self, i, op):

@@ -27,7 +27,8 @@ from qftsim.errors import QftsimError
 from qftsim.profile import HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the mean op and conv2d's depthwise attribute
+READABLE_FORMAT_VERSIONS = (1, 2)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -202,8 +203,9 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise QftsimError(f"not a qftsim model (format is not {FORMAT!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise QftsimError(f"format_version {version!r}; this qftsim reads version {FORMAT_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise QftsimError(f"format_version {version!r}; this qftsim reads versions "
+                          f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     try:
         profile = HardwareProfile.from_dict(manifest["profile"], source="manifest.json profile")
         if manifest["profile_hash"] != profile.hash:
@@ -238,7 +240,11 @@ def _quant(d: dict, where: str) -> TensorQuant:
 
 OP_ATTRS: dict[str, dict] = {
     # op: {attr: default (None = required)}
-    "conv2d": {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "clamp": None},
+    # depthwise: a depthwise kernel (TFLite's DEPTHWISE_CONV_2D), which engines run with their own arithmetic;
+    # by default, a conv with groups > 1 and one input channel per group. (With one input channel both
+    # kernels compute the same sums, so only the source can tell.)
+    "conv2d": {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "clamp": None,
+               "depthwise": "auto"},
     "linear": {"clamp": None},
     "add": {"input_multipliers": None, "input_shifts": None, "multiplier": None, "shift": None,
             "left_shift": None, "clamp": None},
@@ -259,45 +265,14 @@ OP_ARRAYS = {
 OP_ARITY = {"add": 2}
 
 
-def node_arithmetic(node: Node, profile: HardwareProfile, in_shape: tuple[int, ...] | None = None) -> OpArithmetic:
-    """The profile's arithmetic for this node; a conv2d needs its input shape (C, H, W).
-
-    A conv2d with one input channel per group is depthwise, and a depthwise
-    conv that TFLite's optimized kernels run on their 3x3 fast path is
-    depthwise_conv2d_3x3 (profiles that do not set it treat it as depthwise)."""
+def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
+    """The profile's arithmetic for this node (a conv2d marked depthwise uses depthwise_conv2d's)."""
     op = node.op
-    if op == "conv2d" and node.attrs.get("groups", 1) > 1 and node.arrays["weight"].shape[1] == 1:
-        a = node.attrs
-        fast = fast_3x3_depthwise(in_shape, node.arrays["weight"].shape, a["stride"], a["padding"], a["dilation"],
-                                  node.arrays["shift"])
-        op = "depthwise_conv2d_3x3" if fast else "depthwise_conv2d"
-    if op not in ("conv2d", "depthwise_conv2d", "depthwise_conv2d_3x3", "linear", "mean", "add", "concat",
-                  "avgpool2d"):
+    if op == "conv2d" and node.attrs["depthwise"]:
+        op = "depthwise_conv2d"
+    if op not in ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "concat", "avgpool2d"):
         raise KeyError(f"{node.op} has no arithmetic of its own")
     return profile.arithmetic(op)
-
-
-def fast_3x3_depthwise(in_shape, weight_shape, stride, padding, dilation, shift) -> bool:
-    """Whether TFLite's optimized kernels take their 3x3 depthwise fast path (Fast3x3FilterKernelSupported):
-    kernel 3x3, depth multiplier 1, equal strides of 1 or 2, top and left padding equal and 0 or 1,
-    channels a multiple of 8, every multiplier below one (shift >= 31), no dilation, and the last
-    window inside the input (or one past it where padded); inputs of width or height 1 only if square."""
-    c, h, w = in_shape
-    o, per_group, kh, kw = weight_shape
-    pt, pl = padding[0], padding[1]
-    s = stride[0]
-    if not (kh == kw == 3 and o == c and per_group == 1 and stride[0] == stride[1] and s in (1, 2)
-            and list(dilation) == [1, 1] and pt == pl and pt in (0, 1) and c % 8 == 0
-            and bool((np.asarray(shift) >= 31).all())):
-        return False
-    out_h = (h + padding[0] + padding[2] - 3) // s + 1
-    out_w = (w + padding[1] + padding[3] - 3) // s + 1
-    y_end, x_end = (out_h - 1) * s - pt + 3, (out_w - 1) * s - pl + 3
-    if pt == 0:
-        return x_end <= w and y_end <= h
-    if not (x_end <= w + 1 and y_end <= h + 1):
-        return False
-    return h == w if 1 in (h, w) else True
 
 
 # Stored multipliers: widths by requantization scheme (fixed point: the profile's multiplier_bits).
@@ -414,7 +389,7 @@ def _check_same_quant(node: Node, in_quants) -> None:
         raise _err(node, "output quantization must equal the input's (this op does not rescale)")
 
 
-def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int, in_shape=None) -> None:
+def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int) -> None:
     w, b, m, t = (node.arrays[k] for k in ("weight", "bias", "multiplier", "shift"))
     _check_range(node, "weight", w, profile.weights.qmin, profile.weights.qmax)
     if b.shape != (out_channels,):
@@ -424,7 +399,7 @@ def _check_matmul_params(node: Node, profile: HardwareProfile, out_channels: int
     for key, arr in (("multiplier", m), ("shift", t)):
         if arr.shape not in allowed:
             raise _err(node, f"{key} shape {arr.shape}, expected one of {sorted(allowed)}")
-    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile, in_shape).scheme)
+    _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
 
 
 def _check_conv2d(node, profile, in_shapes, in_quants):
@@ -443,7 +418,12 @@ def _check_conv2d(node, profile, in_shapes, in_quants):
     pt, pl, pb, pr = _ints(node, "padding", 4)
     if min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
         raise _err(node, "stride and dilation must be >= 1, padding >= 0")
-    _check_matmul_params(node, profile, o, shape)
+    if node.attrs["depthwise"] == "auto":
+        node.attrs["depthwise"] = groups > 1 and cg == 1
+    if type(node.attrs["depthwise"]) is not bool or (node.attrs["depthwise"] and (cg != 1 or groups != shape[0])):
+        raise _err(node, f"attribute 'depthwise' must be true (one input channel per group, as many groups as "
+                         f"input channels) or false, got {node.attrs['depthwise']!r}")
+    _check_matmul_params(node, profile, o)
     return (o, _window_out(node, shape[1], kh, sh, pt + pb, dh), _window_out(node, shape[2], kw, sw, pl + pr, dw))
 
 

@@ -31,10 +31,8 @@ OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "mean
 # XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
 REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")
 # Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d is a conv2d
-# node with one input channel per group, depthwise_conv2d_3x3 one that TFLite's optimized kernels run on
-# their 3x3 fast path (intmodel.fast_3x3_depthwise; it defaults to depthwise_conv2d's arithmetic).
-ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "depthwise_conv2d_3x3", "linear", "mean", "add", "concat",
-                  "avgpool2d")
+# node marked depthwise (TFLite's DEPTHWISE_CONV_2D).
+ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "concat", "avgpool2d")
 
 _REQUIRED = object()
 
@@ -110,10 +108,14 @@ _OP_ARITHMETIC_FIELDS = {
     # avgpool2d: round the window's mean of the centred values, or of the raw ones (zero point included,
     # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently.
     "domain": _Field(str, choices=("centred", "raw")),
+    # Vector kernels that requantize whole blocks of output channels one way and the last channels (past
+    # the last whole block) another: TFLite's optimized depthwise conv, 8 channels upward, the rest gemmlowp.
+    "channel_block": _Field(int, lo=1, hi=64),
+    "tail_rounding": _Field(str, choices=ROUNDING_MODES),
 }
 _OP_ARITHMETIC_KEYS = {
-    "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding"),
-    "depthwise_conv2d_3x3": ("scheme", "rounding"), "linear": ("scheme", "rounding"),
+    "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
+    "linear": ("scheme", "rounding"),
     "mean": ("scheme", "rounding"), "concat": ("rounding",), "add": ("rounding", "form"), "avgpool2d": ("rounding", "domain"),
 }
 
@@ -198,6 +200,8 @@ class OpArithmetic:
     rounding: str
     form: str = "tflite"
     domain: str = "centred"
+    channel_block: int = 0  # 0: every channel rounds by `rounding`
+    tail_rounding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,11 +225,10 @@ class HardwareProfile:
 
     def _resolve(self, op: str) -> OpArithmetic:
         stated = self.arithmetic_overrides.get(op, {})
-        if op == "depthwise_conv2d_3x3":
-            stated = {**self.arithmetic_overrides.get("depthwise_conv2d", {}), **stated}
         return OpArithmetic(scheme=stated.get("scheme", self.requant.scheme),
                             rounding=stated.get("rounding", self.requant.rounding),
-                            form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"))
+                            form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"),
+                            channel_block=stated.get("channel_block", 0), tail_rounding=stated.get("tail_rounding"))
 
     def arithmetic(self, op: str) -> OpArithmetic:
         """The resolved arithmetic of one op kind (see ARITHMETIC_OPS)."""
@@ -323,11 +326,6 @@ def _parse(data: Any, source: str) -> HardwareProfile:
     sec = {name: _parse_section(source, name, data.get(name)) for name in SCHEMA}
     _check_consistency(source, sec)
     overrides = _parse_arithmetic(source, data.get("arithmetic"))
-    dw = {**overrides.get("depthwise_conv2d", {}), **overrides.get("depthwise_conv2d_3x3", {})}
-    if dw.get("scheme", sec["requant"]["scheme"]) != overrides.get("depthwise_conv2d", {}).get(
-            "scheme", sec["requant"]["scheme"]):
-        raise _fail(source, "arithmetic.depthwise_conv2d_3x3.scheme", "must equal depthwise_conv2d's scheme "
-                    "(the two kernels store the same multipliers)")
     rq = sec["requant"]
     rq["shift_range"] = tuple(rq["shift_range"])
     sec["ops"]["supported"] = tuple(sec["ops"]["supported"])
@@ -370,6 +368,10 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
                                       and scheme not in (None, "fixed_point")):
             raise _fail(source, f"arithmetic.{op}", f"scheme {scheme} with rounding {rounding} is not supported "
                         "per op (shift_only is a whole-profile choice; gemmlowp_double and ruy need fixed_point)")
+        if ("channel_block" in fields) != ("tail_rounding" in fields) or (
+                "channel_block" in fields and scheme not in (None, "fixed_point")):
+            raise _fail(source, f"arithmetic.{op}", "channel_block and tail_rounding go together, with a "
+                        "fixed_point scheme")
         if fields.get("form") == "single_multiplier" and rounding in ("gemmlowp_double", "ruy"):
             raise _fail(source, f"arithmetic.{op}.rounding", "the single_multiplier add rounds its sum by one "
                         "shift: use half_up (XNNPACK), half_away, half_even or floor")

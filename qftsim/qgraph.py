@@ -28,7 +28,7 @@ from torch import nn
 from qftsim import arith
 from qftsim.capture import LUT_FUNCTIONS, FGraph, FNode
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, fast_3x3_depthwise
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, OpArithmetic, int_range
 
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
@@ -258,16 +258,11 @@ class QGraph(nn.Module):
         step = (self.act_scale(n.inputs[0]) * self.weight_scale(n)).double()
         return torch.clamp(round_ste(self.bias[_key(n.name)].double() / step), *self.bias_range())
 
-    def arithmetic(self, n: FNode, shift: np.ndarray | None = None) -> OpArithmetic:
-        """The profile's arithmetic for node n, as intmodel.node_arithmetic decides it for the node it becomes
-        (a depthwise conv's kernel path also depends on its requantization shifts)."""
+    def arithmetic(self, n: FNode) -> OpArithmetic:
+        """The profile's arithmetic for node n, as intmodel.node_arithmetic decides it for the node it becomes."""
         if n.kind == "conv":
-            if not (n.attrs["groups"] > 1 and n.weight.shape[1] == 1):
-                return self.profile.arithmetic("conv2d")
-            a = n.attrs
-            fast = shift is not None and fast_3x3_depthwise(self.fg.node(n.inputs[0]).shape, tuple(n.weight.shape),
-                                                            a["stride"], a["padding"], a["dilation"], shift)
-            return self.profile.arithmetic("depthwise_conv2d_3x3" if fast else "depthwise_conv2d")
+            depthwise = n.attrs["groups"] > 1 and n.weight.shape[1] == 1  # as intmodel's "auto" decides it
+            return self.profile.arithmetic("depthwise_conv2d" if depthwise else "conv2d")
         return self.profile.arithmetic({"linear": "linear", "add": "add", "cat": "concat", "avgpool": "avgpool2d"}[n.kind])
 
     def multipliers(self, real: torch.Tensor, scheme: str = "fixed_point"):
@@ -335,8 +330,8 @@ class QGraph(nn.Module):
         if self.training:
             return round_like_ste(v * real_factor, op.rounding)
         shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
-        return arith.requantize(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape),
-                                op.rounding, scheme=op.scheme)
+        return arith.requantize_channels(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape), op,
+                                         v.shape[1] if v.dim() > 1 else 1)
 
     def _matmul(self, n: FNode, xs):
         (x,) = xs
@@ -351,8 +346,8 @@ class QGraph(nn.Module):
                            n.attrs["stride"], (pt, pl) if symmetric else 0, n.attrs["dilation"], n.attrs["groups"])
         else:
             acc = F.linear(centered, w_int, b_int)
-        factor, m, t = self.multipliers(self.requant_factor(n), self.arithmetic(n).scheme)
-        op = self.arithmetic(n, t)
+        op = self.arithmetic(n)
+        factor, m, t = self.multipliers(self.requant_factor(n), op.scheme)
         shape = (1, -1) + (1,) * (acc.dim() - 2)
         factor = factor.to(acc.dtype).view(shape) if factor.numel() > 1 else factor.to(acc.dtype)
         bounds = self.clamp_bounds(n.name, n.act)
@@ -482,7 +477,7 @@ class QGraph(nn.Module):
         for n in self.fg.nodes[1:]:
             quant = self.tensor_quant(n.name)
             if n.kind in ("conv", "linear"):
-                scheme = self.arithmetic(n).scheme  # the 3x3 fast path keeps the depthwise scheme
+                scheme = self.arithmetic(n).scheme
                 _, m, t = self.multipliers(self.requant_factor(n), scheme)
                 arrays = {"weight": self.int_weight(n).double().numpy().astype(w_dtype),
                           "bias": self.int_bias(n).double().numpy().astype(np.int32),

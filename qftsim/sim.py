@@ -256,8 +256,8 @@ class _Simulator:
         peak = max(-acc_min, acc_max) if outside is None else None
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
-        op = node_arithmetic(node, self.profile, self.model.shapes[node.inputs[0]])
-        y = arith.requantize(acc, m, t, op.rounding, acc_peak=peak, scheme=op.scheme)
+        op = node_arithmetic(node, self.profile)
+        y = arith.requantize_channels(acc, m, t, op, len(weight), acc_peak=peak)
         y = y.to(torch.float32).add_(node.quant.zero_point)
         return self._apply_clamp(node, y, rep)
 

@@ -130,11 +130,13 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             if ho < 1 or wo < 1:
                 continue
             out_q = b.quant()
-            kind = "depthwise_conv2d" if groups > 1 and c // groups == 1 else "conv2d"
+            # one input channel: a dense or a depthwise kernel (the same sums; engines round them differently)
+            depthwise = groups > 1 or (c == 1 and draw(st.booleans()))
+            kind = "depthwise_conv2d" if depthwise else "conv2d"
             arrays = b.matmul_params(out_c, (out_c, c // groups, kh, kw), c // groups * kh * kw, q, kind)
             current = b.add(name, "conv2d", [current], out_q,
                             {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups,
-                             "clamp": b.clamp_for(out_q)}, arrays, (out_c, ho, wo))
+                             "clamp": b.clamp_for(out_q), "depthwise": depthwise}, arrays, (out_c, ho, wo))
         elif op == "linear":
             out_f = draw(st.integers(1, 5))
             out_q = b.quant()

@@ -130,8 +130,15 @@ def run_model(model, x):
         qin = [model.quant_of(s) for s in node.inputs]
         a, arr, qo = node.attrs, node.arrays, node.quant
         if node.op in ("conv2d", "linear", "mean", "add", "concat", "avgpool2d"):
-            op_arith = node_arithmetic(node, p, model.shapes[node.inputs[0]])
+            op_arith = node_arithmetic(node, p)
             rounding, scheme = op_arith.rounding, op_arith.scheme
+            out_channels = len(arr["weight"]) if node.op in ("conv2d", "linear") else 0
+            tail_start = (out_channels // op_arith.channel_block * op_arith.channel_block
+                          if op_arith.channel_block else out_channels)
+
+            def channel_rounding(o):
+                """The rounding of output channel o: a channel past the last whole block rounds its own way."""
+                return op_arith.tail_rounding if o >= tail_start else rounding
         if node.op == "conv2d":
             (xv,), (q,) = ins, qin
             w = arr["weight"]
@@ -156,7 +163,7 @@ def run_model(model, x):
                                         prods.append(v * int(w[o, ci, ky, kx]))
                             acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
                             r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
-                                           rounding, scheme) + qo.zero_point
+                                           channel_rounding(o), scheme) + qo.zero_point
                             out[n, o, y, xx] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "linear":
             (xv,), (q,) = ins, qin
@@ -167,7 +174,7 @@ def run_model(model, x):
                     prods = [(int(xv[n, i]) - q.zero_point) * int(w[o, i]) for i in range(w.shape[1])]
                     acc, _ = _accumulate(prods, int(arr["bias"][o]), p.accumulator)
                     r = requantize(acc, _per_channel(arr["multiplier"], o), _per_channel(arr["shift"], o),
-                                   rounding, scheme) + qo.zero_point
+                                   channel_rounding(o), scheme) + qo.zero_point
                     out[n, o] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "add":
             out = np.empty(ins[0].shape, dtype=object)

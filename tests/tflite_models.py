@@ -225,9 +225,10 @@ def _fixture_padded(seed: int) -> tuple[FloatModel, int]:
 
 
 def _fixture_single_channel(seed: int) -> tuple[FloatModel, int]:
-    """One input channel, odd sizes, kernel 5 at stride 2, VALID pools, ReLU6 with a clamp that bites."""
+    """One input channel (a depthwise conv on it: the same sums as a dense one, rounded by the depthwise kernel),
+    odd sizes, kernel 5 at stride 2, VALID pools, ReLU6 with a clamp that bites."""
     m = FloatModel((1, 11, 13, 1), seed)
-    x = m.conv(m.input, 3, 5, 2, "valid", "relu6")
+    x = m.conv(m.depthwise(m.input, 5, 1, "same"), 3, 5, 2, "valid", "relu6")
     x = m.pool(m.depthwise(x, 3, 1, "valid", "relu6"), "avg", 2, 1, "valid")
     return m, m.add(x, m.conv(x, 3, 1, 1, "same"))
 
