@@ -363,13 +363,10 @@ def _saturating_dense(x, weight, bias, acc_range):
 
 def _lower_add(bb, node, xs, qs, model):
     a = node.attrs
-    rounding = node_arithmetic(node, model.profile).rounding
-    total = None
-    for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"]):
-        term = arith.requantize((x - q.zero_point) << a["left_shift"], m, t, rounding)
-        total = term if total is None else total + term
-    y = arith.requantize(total, a["multiplier"], a["shift"], rounding) + node.quant.zero_point
-    return y.clip(*a["clamp"])
+    terms = [(x - q.zero_point) << a["left_shift"] for x, q in zip(xs, qs)]
+    y = arith.add_requantized(terms, a["input_multipliers"], a["input_shifts"], a["multiplier"], a["shift"],
+                              node_arithmetic(node, model.profile), model.shapes[node.name])
+    return (y + node.quant.zero_point).clip(*a["clamp"])
 
 
 def _lower_concat(bb, node, xs, qs, model):

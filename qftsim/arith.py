@@ -229,6 +229,33 @@ def requantize_channels(acc, multiplier, shift, op, channels: int, acc_peak: flo
     return _where(torch.from_numpy(in_tail) if _is_torch(y) else in_tail, tail, y)
 
 
+def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: int, op, element_shape):
+    """An add's output integers before its zero point: each of `terms` (the centred, left-shifted inputs)
+    rescaled by its (multiplier, shift), the sum requantized by (out_multiplier, out_shift), all rounded by
+    op.rounding; where op.element_block is set, the elements past the last whole block of that many (in
+    TFLite's NHWC order of one sample of `element_shape`, (C, H, W) or (F,)) by op.tail_rounding, as a
+    vector kernel with a scalar remainder loop does."""
+    def rounded(rounding):
+        total = None
+        for v, m, t in zip(terms, multipliers, shifts):
+            term = requantize(v, m, t, rounding)
+            total = term if total is None else total + term
+        return requantize(total, out_multiplier, out_shift, rounding)
+
+    y = rounded(op.rounding)
+    size = int(np.prod(element_shape))
+    start = size // op.element_block * op.element_block if op.element_block else size
+    if start == size:
+        return y
+    nhwc = np.arange(size).reshape(element_shape[1:] + element_shape[:1] if len(element_shape) == 3
+                                   else element_shape)
+    in_tail = (nhwc >= start).transpose(2, 0, 1) if len(element_shape) == 3 else nhwc >= start
+    tail = rounded(op.tail_rounding)
+    if _is_expr(y):
+        return y.select(in_tail[None], tail, y)
+    return _where(torch.from_numpy(in_tail[None]) if _is_torch(y) else in_tail[None], tail, y)
+
+
 def _requantize_int64(v, m, t, rounding: str):
     if rounding in ("gemmlowp_double", "ruy"):
         exponent = 31 - t

@@ -21,7 +21,8 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, load_profile
 
 TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
-              "CONCATENATION", "RESHAPE", "PAD", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE")
+              "CONCATENATION", "RESHAPE", "PAD", "TRANSPOSE", "LOGISTIC", "HARD_SWISH", "QUANTIZE", "DEQUANTIZE")
+INT8_CODES = np.arange(-128, 128)
 TO_NHWC = (0, 2, 3, 1)
 
 
@@ -415,6 +416,23 @@ class _TfliteImporter:
             self.names.add(f"{name}_hw")
             self.tensor_of[out] = f"{name}_hw"
 
+    def _lut(self, op, table: np.ndarray) -> None:
+        """A pointwise op as the 256-entry table of its int8 outputs, indexed by the input code + 128."""
+        self._emit(op.outputs[0], "lut", [self.tensor_of[op.inputs[0]]], {},
+                   {"table": np.clip(table, -128, 127).astype(np.int8)})
+
+    def _op_logistic(self, i, op):
+        """TFLite's int8 LOGISTIC table (LUTPopulate, in float32): round(sigmoid(s_in * (q - z_in)) / s_out),
+        ties away from zero, plus z_out; measured equal in all three LiteRT engines."""
+        q_in, q_out = self._quant(op.inputs[0]), self._quant(op.outputs[0])
+        real = np.float32(q_in.scale) * (INT8_CODES - q_in.zero_point).astype(np.float32)
+        sigmoid = (np.float32(1) / (np.float32(1) + np.exp(-real))).astype(np.float32)
+        scaled = sigmoid * (np.float32(1) / np.float32(q_out.scale))
+        self._lut(op, np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int64) + q_out.zero_point)
+
+    def _op_hard_swish(self, i, op):
+        self._lut(op, tflite_hard_swish_table(self._quant(op.inputs[0]), self._quant(op.outputs[0])))
+
     def _op_concatenation(self, i, op):
         out = op.outputs[0]
         rank = len(self._shape(out))
@@ -442,3 +460,58 @@ class _TfliteImporter:
                                         "flatten only into FULLY_CONNECTED")
             self.hwc_flat[out] = src[1:]
         self._emit(out, "reshape", [self.tensor_of[x]], {"shape": [dst[1]]})
+
+
+# ---------------------------------------------------------------- TFLite's int8 HARD_SWISH, in integers
+
+_I16 = (-(2**15), 2**15 - 1)
+
+
+def _srdhm16(a: int, b: int) -> int:
+    """gemmlowp's SaturatingRoundingDoublingHighMul on int16 values."""
+    if a == b == _I16[0]:
+        return _I16[1]
+    ab = a * b
+    n = ab + ((1 << 14) if ab >= 0 else 1 - (1 << 14))
+    return abs(n) // (1 << 15) * (1 if n >= 0 else -1)
+
+
+def _sdhm16(a: int, b: int) -> int:
+    """TFLite's SaturatingDoublingHighMul on int16 values (truncating, no rounding)."""
+    if a == b == _I16[0]:
+        return _I16[1]
+    return abs(a * b) // (1 << 15) * (1 if a * b >= 0 else -1)
+
+
+def _saturating_left_shift16(v: int, amount: int) -> int:
+    return max(_I16[0], min(_I16[1], v * (1 << amount)))
+
+
+def _int16_multiplier(real: np.float32) -> tuple[int, int]:
+    """QuantizeMultiplier, then DownScaleInt32ToInt16Multiplier: (int16 multiplier, exponent)."""
+    m, t = arith.quantize_multiplier(float(real), 31)
+    exponent = 31 - t
+    m16 = _I16[1] if m >= 2**31 - 1 - (1 << 15) else (m + (1 << 15)) >> 16
+    return m16, exponent
+
+
+def tflite_hard_swish_table(q_in: TensorQuant, q_out: TensorQuant) -> np.ndarray:
+    """The int8 outputs of TFLite's HARD_SWISH for every input code (reference_ops::HardSwish: int16 fixed
+    point, the input on a 2^-7 finer scale, a 'reluish' ramp in Q15, their product shifted to the output);
+    measured equal in all three LiteRT engines."""
+    hires = np.float32(np.float32(1.0 / 128.0) * np.float32(q_in.scale))
+    out_m, out_e = _int16_multiplier(np.float32(hires / np.float32(q_out.scale)))
+    relu_m, relu_e = _int16_multiplier(np.float32(hires / np.float32(3.0 / 32768.0)))
+    table = []
+    for code in INT8_CODES:
+        x = int(code - q_in.zero_point) * (1 << 7)
+        on_output_scale = _srdhm16(x, out_m)
+        reluish = _saturating_left_shift16(x, relu_e - 1) if relu_e > 0 else x
+        reluish = _srdhm16(reluish, relu_m)
+        if relu_e > 0:
+            reluish = _saturating_left_shift16(reluish, 1)
+        elif relu_e < 0:
+            reluish = int(arith.rdbpot(np.int64(reluish), -relu_e))
+        reluish = (reluish + (1 << 15)) >> 1
+        table.append(int(arith.rdbpot(np.int64(_sdhm16(reluish, on_output_scale)), -out_e)) + q_out.zero_point)
+    return np.array(table, dtype=np.int64)

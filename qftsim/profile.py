@@ -111,12 +111,15 @@ _OP_ARITHMETIC_FIELDS = {
     # Vector kernels that requantize whole blocks of output channels one way and the last channels (past
     # the last whole block) another: TFLite's optimized depthwise conv, 8 channels upward, the rest gemmlowp.
     "channel_block": _Field(int, lo=1, hi=64),
+    # The same over the elements of an add, counted in TFLite's NHWC order (its optimized ADD: 8 at a time).
+    "element_block": _Field(int, lo=1, hi=64),
     "tail_rounding": _Field(str, choices=ROUNDING_MODES),
 }
 _OP_ARITHMETIC_KEYS = {
     "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
     "linear": ("scheme", "rounding"),
-    "mean": ("scheme", "rounding"), "concat": ("rounding",), "add": ("rounding", "form"), "avgpool2d": ("rounding", "domain"),
+    "mean": ("scheme", "rounding"), "concat": ("rounding",), "add": ("rounding", "form", "element_block", "tail_rounding"),
+    "avgpool2d": ("rounding", "domain"),
 }
 
 
@@ -201,6 +204,7 @@ class OpArithmetic:
     form: str = "tflite"
     domain: str = "centred"
     channel_block: int = 0  # 0: every channel rounds by `rounding`
+    element_block: int = 0  # 0: every element rounds by `rounding`
     tail_rounding: str | None = None
 
 
@@ -228,7 +232,8 @@ class HardwareProfile:
         return OpArithmetic(scheme=stated.get("scheme", self.requant.scheme),
                             rounding=stated.get("rounding", self.requant.rounding),
                             form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"),
-                            channel_block=stated.get("channel_block", 0), tail_rounding=stated.get("tail_rounding"))
+                            channel_block=stated.get("channel_block", 0), element_block=stated.get("element_block", 0),
+                            tail_rounding=stated.get("tail_rounding"))
 
     def arithmetic(self, op: str) -> OpArithmetic:
         """The resolved arithmetic of one op kind (see ARITHMETIC_OPS)."""
@@ -368,10 +373,10 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
                                       and scheme not in (None, "fixed_point")):
             raise _fail(source, f"arithmetic.{op}", f"scheme {scheme} with rounding {rounding} is not supported "
                         "per op (shift_only is a whole-profile choice; gemmlowp_double and ruy need fixed_point)")
-        if ("channel_block" in fields) != ("tail_rounding" in fields) or (
-                "channel_block" in fields and scheme not in (None, "fixed_point")):
-            raise _fail(source, f"arithmetic.{op}", "channel_block and tail_rounding go together, with a "
-                        "fixed_point scheme")
+        block = "channel_block" in fields or "element_block" in fields
+        if block != ("tail_rounding" in fields) or (block and scheme not in (None, "fixed_point")):
+            raise _fail(source, f"arithmetic.{op}", "channel_block (or element_block) and tail_rounding go "
+                        "together, with a fixed_point scheme")
         if fields.get("form") == "single_multiplier" and rounding in ("gemmlowp_double", "ruy"):
             raise _fail(source, f"arithmetic.{op}.rounding", "the single_multiplier add rounds its sum by one "
                         "shift: use half_up (XNNPACK), half_away, half_even or floor")

@@ -399,11 +399,15 @@ class QGraph(nn.Module):
     def _add(self, n: FNode, xs):
         *rescales, (factor, m, t) = self.add_multipliers(n)
         op = self.arithmetic(n)
-        total = 0
-        for x, name, (f, mi, ti) in zip(xs, n.inputs, rescales):
-            shifted = (x - self.zero_points[self.quant_source[name]]) * 2.0**self.profile.ops.add_left_shift
-            total = total + self._round(shifted, f.to(x.dtype), mi, ti, op)
-        y = self._round(total, factor.to(total.dtype), m, t, op) + self.zero_points[n.name]
+        terms = [(x - self.zero_points[self.quant_source[name]]) * 2.0**self.profile.ops.add_left_shift
+                 for x, name in zip(xs, n.inputs)]
+        if self.training:
+            total = sum(self._round(v, f.to(v.dtype), mi, ti, op) for v, (f, mi, ti) in zip(terms, rescales))
+            y = self._round(total, factor.to(total.dtype), m, t, op)
+        else:
+            y = arith.add_requantized(terms, [int(mi[0]) for _, mi, _ in rescales],
+                                      [int(ti[0]) for _, _, ti in rescales], int(m[0]), int(t[0]), op, n.shape)
+        y = y + self.zero_points[n.name]
         return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
 
     def _cat(self, n: FNode, xs):

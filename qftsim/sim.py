@@ -299,12 +299,10 @@ class _Simulator:
 
     def _add(self, node, xs, in_quants):
         a = node.attrs
-        rounding = node_arithmetic(node, self.profile).rounding
-        total = 0
-        for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"]):
-            shifted = (x.to(torch.float64) - q.zero_point) * 2.0 ** a["left_shift"]
-            total = total + arith.requantize(shifted, m, t, rounding)
-        y = arith.requantize(total, a["multiplier"], a["shift"], rounding) + node.quant.zero_point
+        terms = [(x.to(torch.float64) - q.zero_point) * 2.0 ** a["left_shift"] for x, q in zip(xs, in_quants)]
+        y = arith.add_requantized(terms, a["input_multipliers"], a["input_shifts"], a["multiplier"], a["shift"],
+                                  node_arithmetic(node, self.profile), self.model.shapes[node.name])
+        y = y + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 
     def _concat(self, node, xs, in_quants):

@@ -178,11 +178,17 @@ def run_model(model, x):
                     out[n, o] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "add":
             out = np.empty(ins[0].shape, dtype=object)
+            shape = ins[0].shape[1:]
+            size = int(np.prod(shape))
+            blocks_end = size // op_arith.element_block * op_arith.element_block if op_arith.element_block else size
             for idx in np.ndindex(*ins[0].shape):
+                # the element's place in one sample laid out NHWC (TFLite's order): past the blocks, the tail
+                nhwc = (idx[2] * shape[2] + idx[3]) * shape[0] + idx[1] if len(shape) == 3 else idx[1]
+                r_mode = op_arith.tail_rounding if nhwc >= blocks_end else rounding
                 total = 0
                 for xv, q, m, t in zip(ins, qin, a["input_multipliers"], a["input_shifts"]):
-                    total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, rounding)
-                r = requantize(total, a["multiplier"], a["shift"], rounding) + qo.zero_point
+                    total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, r_mode)
+                r = requantize(total, a["multiplier"], a["shift"], r_mode) + qo.zero_point
                 out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "concat":
             parts = []

@@ -41,6 +41,32 @@ def test_eval_qgraph_equals_simulator_on_every_test_image(network, profile, mnis
     assert len(report["loss_curve"]) == 8 and report["layers"]
 
 
+def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
+    """The exactness contract under per-op arithmetic (float32 requantization, XNNPACK's add, upward-rounding
+    depthwise blocks): QFT eval mode == simulator == TVM-compiled model, for the three LiteRT profiles."""
+    import tvm
+    from tvm import relax
+
+    from export.build import compile_module
+    from export.lower import lower_into
+
+    x, _, x_test, _ = mnist
+    bb, cases = relax.BlockBuilder(), []
+    for i, profile in enumerate(("litert-xnnpack", "litert-optimized", "litert-reference")):
+        qgraph, _ = quantize_graph(reference_network("mobilenetv2"), x[:128], profile, epochs=1, dataset_size=128,
+                                   progress=False)
+        int_model = qgraph.integerize()
+        with torch.no_grad():
+            ints = qgraph.run_integers(x_test[:200])[qgraph.fg.output].numpy().astype(np.int64)
+        lower_into(bb, int_model, f"m{i}")
+        cases.append((int_model, ints))
+    vm = relax.VirtualMachine(compile_module(bb.get(), "host"), tvm.cpu())
+    for i, (int_model, ints) in enumerate(cases):
+        q = int_model.inputs[0].quant.quantize(x_test[:200].numpy())
+        assert np.array_equal(_simulate(int_model, q).astype(np.int64), ints), int_model.profile.name
+        assert np.array_equal(vm[f"m{i}"](tvm.runtime.tensor(q)).numpy().astype(np.int64), ints)
+
+
 def test_a2q_profile_never_overflows(mnist):
     x, _, x_test, _ = mnist
     int_model, _ = quantize(reference_network("resnet"), x[:256], "fpga-w4a4-pow2-acc16", epochs=1,

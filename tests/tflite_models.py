@@ -206,11 +206,12 @@ def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
 
 
 def _fixture_mixed(seed: int) -> tuple[FloatModel, int]:
-    """conv, depthwise stride 2, 1x1 conv, residual add, SAME average pool, max pool, mean, fc."""
+    """conv, depthwise stride 2, 1x1 conv, residual add, HARD_SWISH, LOGISTIC, SAME average pool, max pool,
+    mean, fc."""
     m = FloatModel((1, 12, 12, 5), seed)
-    x = m.conv(m.input, 16, 3, 1, "same", "relu")
+    x = m.unary(m.conv(m.input, 16, 3, 1, "same"), OPS.HARD_SWISH)
     y = m.depthwise(x, 3, 2, "same", "relu6")
-    s = m.add(y, m.conv(y, 16, 1, 1, "same"), "relu")
+    s = m.unary(m.add(y, m.conv(y, 16, 1, 1, "same"), "relu"), OPS.LOGISTIC)
     p = m.pool(m.pool(s, "avg", 3, 1, "same"), "max", 2, 2, "valid")
     return m, m.fully_connected(m.mean(p), 10)
 
