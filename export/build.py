@@ -92,7 +92,7 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
             executable.export_library(str(lib), fcompile=fcompile)
         data = lib.read_bytes()
     sidecar = _sidecar(model, target, hashlib.sha256(data).hexdigest())
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, mode=0o777)  # as a linker leaves a shared library
     atomic_write_bytes(_sidecar_path(path), json.dumps(sidecar, indent=1).encode())
     return sidecar
 

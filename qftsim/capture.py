@@ -309,21 +309,35 @@ def _const(consts, arg):
     return None if arg is None else consts[arg.name].double()
 
 
+def _schema_arguments(node) -> dict:
+    """An ATen call's arguments by name, positional or keyword, with the op schema's defaults filled in
+    (torch.export writes `aten.conv2d(x, w)` for a bias-free conv at default stride and padding)."""
+    values = {}
+    for i, argument in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[argument.name] = node.args[i]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
+
+
 def _from_aten(node, name, ins, alias, consts):
     """ATen ops, as in the module of a torch.export program (.pt2)."""
     aten = torch.ops.aten
     t, args = node.target, node.args
     if t is aten.conv2d.default:
-        w = _const(consts, args[1])
-        b = _const(consts, args[2] if len(args) > 2 else None)
-        stride, padding, dilation, groups = (list(args[3:]) + [[1, 1], [0, 0], [1, 1], 1][len(args) - 3:])[:4]
+        a = _schema_arguments(node)
+        w, b = _const(consts, a["weight"]), _const(consts, a["bias"])
+        stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
         ph, pw = _pair(padding)
         return FNode(name, "conv", ins[:1], {"stride": _pair(stride), "padding": [ph, pw, ph, pw],
                                              "dilation": _pair(dilation), "groups": int(groups)},
                      w, b if b is not None else torch.zeros(w.shape[0], dtype=torch.float64))
     if t is aten.linear.default:
-        w = _const(consts, args[1])
-        b = _const(consts, args[2] if len(args) > 2 else None)
+        a = _schema_arguments(node)
+        w, b = _const(consts, a["weight"]), _const(consts, a["bias"])
         return FNode(name, "linear", ins[:1], {}, w, b if b is not None else torch.zeros(w.shape[0],
                                                                                            dtype=torch.float64))
     if t in (aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default):
@@ -346,12 +360,13 @@ def _from_aten(node, name, ins, alias, consts):
             raise _unsupported(node, "cat on an axis other than channels")
         return FNode(name, "cat", _arg_names(args[0], alias, consts))
     if t is aten.max_pool2d.default:
-        kernel, stride, padding, dilation, ceil = (list(args[1:]) + [None, [], 0, 1, False][len(args) - 1:])[:5]
-        return _pool(node, name, ins, "maxpool", kernel, stride or kernel, padding, dilation, ceil, True)
+        a = _schema_arguments(node)
+        return _pool(node, name, ins, "maxpool", a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"],
+                     a["dilation"], a["ceil_mode"], True)
     if t is aten.avg_pool2d.default:
-        kernel, stride, padding, ceil, count_pad, divisor = (
-            list(args[1:]) + [None, [], 0, False, True, None][len(args) - 1:])[:6]
-        return _pool(node, name, ins, "avgpool", kernel, stride or kernel, padding, 1, ceil, count_pad, divisor)
+        a = _schema_arguments(node)
+        return _pool(node, name, ins, "avgpool", a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"], 1,
+                     a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
     if t is aten.adaptive_avg_pool2d.default:
         return _global_pool(node, name, ins, args[1])
     if t is aten.mean.dim and sorted(int(d) % 4 for d in args[1]) == [2, 3] and len(args) > 2 and args[2]:
@@ -405,8 +420,10 @@ def _pool(node, name, ins, kind, kernel, stride, padding, dilation, ceil_mode, c
         raise _unsupported(node, f"{kind} with ceil_mode, dilation or divisor_override")
     kh, kw = _pair(kernel)
     ph, pw = _pair(padding)
-    return FNode(name, kind, ins, {"kernel": [kh, kw], "stride": _pair(stride if stride else kernel),
-                                   "padding": [ph, pw, ph, pw], "count_include_pad": bool(count_include_pad)})
+    attrs = {"kernel": [kh, kw], "stride": _pair(stride if stride else kernel), "padding": [ph, pw, ph, pw]}
+    if kind == "avgpool":  # max pooling has no count: the IntModel refuses the attribute there
+        attrs["count_include_pad"] = bool(count_include_pad)
+    return FNode(name, kind, ins, attrs)
 
 
 def _global_pool(node, name, ins, output_size):

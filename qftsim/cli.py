@@ -25,8 +25,9 @@ def _profiles_list(args) -> int:
     for name in list_profiles():
         p = load_profile(name)
         w, a, acc = p.weights, p.activations, p.accumulator
+        per_op = f" (per op: {', '.join(p.arithmetic_overrides)})" if p.arithmetic_overrides else ""
         print(f"{name:24s} W{w.bits} A{a.bits} acc{acc.bits} {acc.overflow:8s} "
-              f"{p.requant.scheme}/{p.requant.rounding}")
+              f"{p.requant.scheme}/{p.requant.rounding}{per_op}")
     return EXIT_OK
 
 

@@ -164,11 +164,15 @@ def _write_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one; the file gets `mode`
+    less the umask, as any file the user creates (the temporary file's private 0600 is not kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, mode & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -99,6 +100,28 @@ CORRUPTIONS = {
     "zero point out of range": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(zero_point=500)),
                                 "conv0.*zero point 500"),
 }
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path, umask):
+    model, _ = random_cnn(channels=4, size=4)
+    old = os.umask(umask)
+    try:
+        model.save(tmp_path / "m.qft")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.qft").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_format1_files_still_load_and_compute_the_same():
+    """A .qft written before format 2 (no mean op, no depthwise attribute): same profile hash, same integers."""
+    from pathlib import Path
+
+    old = intmodel.load(Path(__file__).parent / "fixtures" / "intmodel_format1.qft")
+    new, _ = random_cnn("tflite-int8", channels=8, size=8, depthwise=True)  # what wrote it, at 11477a2
+    assert old.profile.hash == "446c03d98527f1a9"  # its embedded profile (whose op list predates mean)
+    x = np.random.default_rng(0).integers(-128, 128, (4, *new.inputs[0].shape)).astype(np.int8)
+    assert np.array_equal(simulate(old, x).outputs["fc"], simulate(new, x).outputs["fc"])
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)

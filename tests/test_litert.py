@@ -283,3 +283,32 @@ def test_report_per_profile_and_op(capsys):
         for key in rows:
             print(f"\n{key[0]:18s} {key[1]:10s} compared {TALLY.compared[key]:9d} differ {TALLY.differ[key]}", end="")
     assert TALLY.total_differ() == 0
+
+
+def test_cli_import_then_golden_vectors_and_a_narrower_accumulator(tmp_path):
+    """A hardware team's path: import the .tflite it ships, dump golden vectors, and see what a 16-bit
+    accumulator would do to the same network (a profile of its own, given to import)."""
+    import yaml
+
+    from qftsim import intmodel
+    from qftsim.cli import main
+    from qftsim.sim import simulate
+
+    fixture = str(FIXTURES / "wide.tflite")
+    assert main(["import", fixture, "-o", str(tmp_path / "net.qft")]) == 0
+    model = intmodel.load(tmp_path / "net.qft")
+    x = edge_inputs((1, 12, 12, 8), model.inputs[0].quant.zero_point, np.random.default_rng(3)).transpose(0, 3, 1, 2)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["simulate", str(tmp_path / "net.qft"), "--input", str(tmp_path / "x.npy"),
+                 "--dump", str(tmp_path / "golden")]) == 0
+    assert (tmp_path / "golden").is_dir() and any((tmp_path / "golden").iterdir())
+
+    narrow = load_profile("litert-xnnpack").to_dict()
+    narrow.update(name="my-npu-acc16")
+    narrow["accumulator"]["bits"] = 16
+    narrow["bias"]["bits"] = 16
+    (tmp_path / "acc16.yaml").write_text(yaml.safe_dump(narrow))
+    assert main(["import", fixture, "--profile", str(tmp_path / "acc16.yaml"), "-o", str(tmp_path / "n.qft")]) == 0
+    with pytest.warns(AccumulatorOverflowWarning):
+        report = simulate(intmodel.load(tmp_path / "n.qft"), x).report
+    assert sum(r.overflows for r in report) > 0 and min(r.headroom_bits for r in report if r.acc_bits) < 0

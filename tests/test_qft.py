@@ -67,6 +67,21 @@ def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
         assert np.array_equal(vm[f"m{i}"](tvm.runtime.tensor(q)).numpy().astype(np.int64), ints)
 
 
+def test_max_pooling_quantizes_end_to_end(mnist):
+    """nn.MaxPool2d (plain and padded) through capture, QFT, integerize and the simulator."""
+    x, _, x_test, _ = mnist
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3),
+                        nn.MaxPool2d(3, stride=1, padding=1), nn.Flatten(), nn.LazyLinear(10))
+    net(x[:1])
+    qgraph, _ = quantize_graph(net.eval(), x[:128], "int8-default", epochs=1, dataset_size=128, progress=False)
+    int_model = qgraph.integerize()
+    assert [n.op for n in int_model.nodes].count("maxpool2d") == 2
+    with torch.no_grad():
+        ints = qgraph.run_integers(x_test[:100])[qgraph.fg.output].numpy().astype(np.int64)
+    q = int_model.inputs[0].quant.quantize(x_test[:100].numpy())
+    assert np.array_equal(_simulate(int_model, q).astype(np.int64), ints)
+
+
 def test_a2q_profile_never_overflows(mnist):
     x, _, x_test, _ = mnist
     int_model, _ = quantize(reference_network("resnet"), x[:256], "fpga-w4a4-pow2-acc16", epochs=1,

@@ -90,3 +90,23 @@ def test_demo_writes_everything(tmp_path):
     assert "simulator accuracy" in res.stdout
     sim = _cli("simulate", str(tmp_path / "demo" / "model.qft"), "--input", str(tmp_path / "demo" / "inputs.npy"))
     assert sim.returncode == 0 and "already-quantized" in sim.stdout
+
+
+def test_pt2_with_default_argument_forms_is_captured(tmp_path):
+    """torch.export writes `aten.conv2d(x, w)` for a bias-free conv at default stride and padding (the usual
+    1x1 before BatchNorm), `max_pool2d(x, k)` without a stride: every default form is read from the op schema."""
+    from torch import nn
+
+    from qftsim.capture import capture
+    from qftsim.loaders import load_exported_program
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 7 * 7, 10, bias=False)).eval()
+    x = load_mnist()[0][:8]
+    torch.export.save(torch.export.export(net, (x[:2],)), str(tmp_path / "net.pt2"))
+    program = load_exported_program(tmp_path / "net.pt2")
+    graph = capture(program, x[:2])
+    assert [n.kind for n in graph.nodes if n.kind != "input"].count("conv") == 2
+    with torch.no_grad():
+        assert torch.allclose(graph.run(x)[graph.output], net(x), atol=1e-4)
