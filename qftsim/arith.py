@@ -450,7 +450,7 @@ def op_multipliers(real: np.ndarray, scheme: str, multiplier_bits: int, shift_ra
     """The (m, t) arrays an op of this requantization scheme stores for the real factors `real`."""
     if scheme in FLOAT_SCHEMES:
         return float_multipliers(real, scheme)
-    return quantize_multipliers(real, multiplier_bits, shift_range)
+    return quantize_multipliers(real, 0 if scheme == "shift_only" else multiplier_bits, shift_range)
 
 
 def average(total, count, zero_point: int, rounding: str, domain: str):

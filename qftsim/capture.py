@@ -141,6 +141,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     nodes: list[FNode] = []
     alias: dict[str, str] = {}  # removed identity nodes -> their input
     consts: dict[str, torch.Tensor] = {}  # get_attr nodes (parameters of a torch.export program)
+    unsupported: list[UnsupportedOp] = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             consts[node.name] = _get_attr(gm, node.target).detach()
@@ -151,12 +152,18 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
                 raise QftsimError("the model must return a single tensor")
             output = alias.get(out.name, out.name)
             continue
-        fnode = _convert(gm, node, alias, consts)
+        try:
+            fnode = _convert(gm, node, alias, consts)
+        except UnsupportedOp as exc:  # keep going: the user hears of every op at once
+            unsupported.append(exc)
+            continue
         if fnode is None:
             continue
         meta = node.meta.get("tensor_meta")
         fnode.shape = tuple(meta.shape[1:]) if meta is not None else ()
         nodes.append(fnode)
+    if unsupported:
+        raise _unsupported_summary(unsupported)
     graph = FGraph(nodes, output)
     _canonicalize(graph)
     return graph
@@ -185,8 +192,29 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
+class UnsupportedOp(QftsimError):
+    """One op that capture cannot take; capture gathers them all into one error."""
+
+    def __init__(self, node, what: str):
+        stack = node.meta.get("nn_module_stack") or {}
+        self.what, self.where = what, (node.target if node.op == "call_module" else
+                                       next(reversed(stack.values()), (node.name,))[0] if stack else node.name)
+        super().__init__(f"node {node.name!r}: unsupported op {what}; supported: {SUPPORTED}")
+
+
 def _unsupported(node, what) -> QftsimError:
-    return QftsimError(f"node {node.name!r}: unsupported op {what}; supported: {SUPPORTED}")
+    return UnsupportedOp(node, what)
+
+
+def _unsupported_summary(errors: list[UnsupportedOp]) -> QftsimError:
+    """Every unsupported op of the model in one line: op, module paths, count."""
+    by_op: dict[str, list[str]] = {}
+    for e in errors:
+        by_op.setdefault(e.what, []).append(str(e.where))
+    parts = [f"{what} x{len(where)} (at {', '.join(where[:3])}{', ...' if len(where) > 3 else ''})"
+             for what, where in by_op.items()]
+    return QftsimError(f"the model has {len(errors)} unsupported op{'s' if len(errors) > 1 else ''}: "
+                       f"{'; '.join(parts)}. Supported: {SUPPORTED}")
 
 
 def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict, consts: dict) -> FNode | None:

@@ -216,16 +216,22 @@ def _quantize(args) -> int:
     import warnings
 
     from qftsim.intmodel import atomic_write_bytes
-    from qftsim.loaders import load_calibration, load_exported_program, load_factory
+    from qftsim.loaders import first_sample, load_calibration, load_exported_program, load_factory
     from qftsim.qft import quantize
     from qftsim.report import write_report
     from qftsim.sim import simulate
 
     if bool(args.model) == bool(args.factory):
         raise QftsimError("give exactly one of --model FILE.pt2 or --factory package.module:function")
+    from qftsim.qft import capture_checked
+    from qftsim.qgraph import check_profile_can_express
+
     model = load_exported_program(args.model) if args.model else load_factory(args.factory, args.weights)
-    data = load_calibration(args.data, args.resize, args.crop, _floats(args.mean), _floats(args.std),
-                            args.channels, args.npz_key)
+    image_options = (args.resize, args.crop, _floats(args.mean), _floats(args.std), args.channels, args.npz_key)
+    # fail in seconds: the model is captured and checked against the profile on one sample, before the data
+    check_profile_can_express(capture_checked(model, first_sample(args.data, *image_options)),
+                              load_profile(args.profile))
+    data = load_calibration(args.data, *image_options)
     loss_layers = {}
     for item in args.loss_layer or []:
         name, _, factor = item.partition("=")

@@ -162,16 +162,19 @@ class _TfliteImporter:
         inputs.append(ModelInput(name, shape, self._quant(first)))
         self.tensor_of[first] = name
         outputs = list(g.outputs)
+        edge = [i for i, op in ops if self._code(op) == "DEQUANTIZE" and op.outputs[0] in outputs]
+        unknown = [f"op {i} ({self._code(op)}) producing tensor {op.outputs[0]} ({self._tname(op.outputs[0])!r})"
+                   for i, op in ops if i not in edge and (self._code(op) in ("QUANTIZE", "DEQUANTIZE")
+                                                          or not hasattr(self, f"_op_{self._code(op).lower()}"))]
+        if unknown:  # every one at once, before any work
+            raise QftsimError(f"{self.source}: {'; '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                              f"supported; supported: {', '.join(TFLITE_OPS)} (QUANTIZE/DEQUANTIZE only at the edges)")
         for i, op in ops:
             code = self._code(op)
-            if code == "DEQUANTIZE" and op.outputs[0] in outputs:
+            if i in edge:
                 outputs[outputs.index(op.outputs[0])] = op.inputs[0]
                 continue
-            handler = getattr(self, f"_op_{code.lower()}", None)
-            if handler is None or code in ("QUANTIZE", "DEQUANTIZE"):
-                raise QftsimError(f"{self.source}: op {i} ({code}) producing tensor {op.outputs[0]} "
-                                  f"({self._tname(op.outputs[0])!r}) is not supported; supported: "
-                                  f"{', '.join(TFLITE_OPS)} (QUANTIZE/DEQUANTIZE only at the edges)")
+            handler = getattr(self, f"_op_{code.lower()}")
             for src in op.inputs:
                 if src >= 0 and self._tensor(src).buffer == 0 and src not in self.tensor_of \
                         and src not in self.pending_pad:

@@ -310,6 +310,10 @@ def _window_out(node: Node, size: int, kernel: int, stride: int, pad: int, dilat
 
 def _check_requant(node: Node, profile: HardwareProfile, m, t, what: str, scheme: str | None = None) -> None:
     scheme = scheme or profile.requant.scheme
+    if scheme == "shift_only":  # a power of two: the multiplier is 1
+        _check_range(node, f"{what} multiplier", m, 1, 1)
+        _check_range(node, f"{what} shift", t, *profile.requant.shift_range)
+        return
     if scheme in arith.FLOAT_SCHEMES:
         _check_range(node, f"{what} multiplier", m, 0, (1 << arith.FLOAT_SCHEMES[scheme][2]) - 1)
         _check_range(node, f"{what} shift", t, *FLOAT_SHIFT_RANGE)

@@ -92,14 +92,38 @@ def load_calibration(path: str | Path, size: int | None = None, crop: int | None
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _load_images(folder: Path, size, crop, mean, std, channels) -> torch.Tensor:
+def first_sample(path: str | Path, size: int | None = None, crop: int | None = None, mean=(0.0,), std=(1.0,),
+                 channels: int = 3, key: str | None = None) -> torch.Tensor:
+    """The first sample of `load_calibration`'s batch, read alone (one image, or one row of an .npy): what the
+    model is checked on before the whole data set is read."""
+    path = Path(path)
+    if path.is_dir():
+        files = _image_files(path)
+        return _load_images(path, size, crop, mean, std, channels, files[:1])
+    if path.suffix == ".npy" and path.is_file():
+        try:
+            head = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
+        except (OSError, ValueError) as exc:
+            raise QftsimError(f"{path}: unreadable ({exc})") from None
+        if head.dtype.kind not in "fiu" or head.ndim < 2:
+            raise QftsimError(f"{path}: expected a numeric batch (N, ...), got {head.dtype} {head.shape}")
+        return torch.from_numpy(np.array(head, dtype=np.float32))
+    return load_calibration(path, size, crop, mean, std, channels, key)[:1]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise QftsimError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _load_images(folder: Path, size, crop, mean, std, channels, files: list[Path] | None = None) -> torch.Tensor:
     try:
         from PIL import Image
     except ImportError:
         raise QftsimError("reading an image folder needs Pillow: pip install pillow") from None
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise QftsimError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = _image_files(folder) if files is None else files
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise QftsimError(f"--channels must be 1 or 3, got {channels}")

@@ -331,6 +331,17 @@ def _parse(data: Any, source: str) -> HardwareProfile:
     sec = {name: _parse_section(source, name, data.get(name)) for name in SCHEMA}
     _check_consistency(source, sec)
     overrides = _parse_arithmetic(source, data.get("arithmetic"))
+    bits, global_scheme = sec["requant"]["multiplier_bits"], sec["requant"]["scheme"]
+    for op, fields in overrides.items():
+        scheme = fields.get("scheme", global_scheme)
+        if scheme == "fixed_point" and bits == 0:
+            raise _fail(source, f"arithmetic.{op}.scheme", "fixed_point needs requant.multiplier_bits >= 1 "
+                        "(this profile stores shift-only multipliers)")
+        double = {fields.get(k) for k in ("rounding", "tail_rounding")} & {"gemmlowp_double", "ruy"}
+        if (double or (global_scheme == "fixed_point" and sec["requant"]["rounding"] in ("gemmlowp_double", "ruy")
+                       and "rounding" not in fields and scheme == "fixed_point")) and bits != 31:
+            raise _fail(source, f"arithmetic.{op}.rounding", f"gemmlowp_double and ruy are defined for a 31-bit "
+                        f"multiplier, got requant.multiplier_bits {bits}")
     rq = sec["requant"]
     rq["shift_range"] = tuple(rq["shift_range"])
     sec["ops"]["supported"] = tuple(sec["ops"]["supported"])
@@ -369,10 +380,9 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
         if scheme in ("float32", "float64") and rounding is None:
             raise _fail(source, f"arithmetic.{op}.rounding", f"a {scheme} requantization states its rounding "
                         "(XNNPACK's float32: half_even; TFLite's float64: half_away)")
-        if scheme == "shift_only" or (op != "avgpool2d" and rounding in ("gemmlowp_double", "ruy")
-                                      and scheme not in (None, "fixed_point")):
-            raise _fail(source, f"arithmetic.{op}", f"scheme {scheme} with rounding {rounding} is not supported "
-                        "per op (shift_only is a whole-profile choice; gemmlowp_double and ruy need fixed_point)")
+        if rounding in ("gemmlowp_double", "ruy") and scheme not in (None, "fixed_point"):
+            raise _fail(source, f"arithmetic.{op}", f"rounding {rounding} needs a fixed_point multiplier, "
+                        f"not scheme {scheme}")
         block = "channel_block" in fields or "element_block" in fields
         if block != ("tail_rounding" in fields) or (block and scheme not in (None, "fixed_point")):
             raise _fail(source, f"arithmetic.{op}", "channel_block (or element_block) and tail_rounding go "

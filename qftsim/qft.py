@@ -202,8 +202,9 @@ def capture_checked(model: nn.Module, data: torch.Tensor) -> FGraph:
         with torch.no_grad():
             model(data[:1])
     except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
         raise QftsimError(f"the model rejects calibration data of shape {tuple(data.shape[1:])} "
-                          f"(batch first): {type(exc).__name__}: {exc}") from None
+                          f"(batch first): {type(exc).__name__}: {first_line}") from None
     return capture(model, data[:2])
 
 

@@ -271,6 +271,8 @@ class QGraph(nn.Module):
         b, lo = rq.multiplier_bits, rq.shift_range[0]
         if scheme in arith.FLOAT_SCHEMES:
             b, lo = arith.FLOAT_SCHEMES[scheme][2], 0
+        elif scheme == "shift_only":
+            b = 0
         largest = ((1 << b) - 1 if b else 1) * 2.0 ** (-lo)
         wanted = np.minimum(real.detach().double().cpu().numpy().reshape(-1), largest)
         m, t = arith.op_multipliers(wanted, scheme, b, rq.shift_range)

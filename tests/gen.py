@@ -36,6 +36,23 @@ def profiles(draw) -> HardwareProfile:
         d["weights"]["granularity"] = draw(st.sampled_from(["per_channel", "per_tensor"]))
         d["requant"]["per_channel"] = d["weights"]["granularity"] == "per_channel" or draw(st.booleans())
         d["activations"]["channelwise_via_requant"] &= d["requant"]["per_channel"]
+    if draw(st.booleans()):  # per-op arithmetic (schema 2) on top of whatever the profile states
+        d["schema_version"] = 2
+        arithmetic = d.setdefault("arithmetic", {})
+        for op in draw(st.lists(st.sampled_from(["conv2d", "depthwise_conv2d", "linear", "mean"]), max_size=3)):
+            scheme = draw(st.sampled_from(["fixed_point", "float32", "float64", "shift_only"]))
+            rounding = draw(st.sampled_from([r for r in ROUNDING_MODES if scheme == "fixed_point"
+                                             or r not in ("gemmlowp_double", "ruy")]))
+            arithmetic[op] = {"scheme": scheme, "rounding": rounding}
+        if draw(st.booleans()):
+            arithmetic["depthwise_conv2d"] = {"scheme": "fixed_point", "rounding": "ruy", "channel_block": 2,
+                                              "tail_rounding": draw(st.sampled_from(ROUNDING_MODES))}
+        if draw(st.booleans()):
+            arithmetic["add"] = {"rounding": draw(st.sampled_from(ROUNDING_MODES)), "element_block": 4,
+                                 "tail_rounding": draw(st.sampled_from(ROUNDING_MODES))}
+        if draw(st.booleans()):
+            arithmetic["avgpool2d"] = {"domain": draw(st.sampled_from(["raw", "centred"])),
+                                       "rounding": draw(st.sampled_from(ROUNDING_MODES))}
     try:
         return HardwareProfile.from_dict(d)
     except QftsimError:
@@ -62,6 +79,8 @@ class _Builder:
         lo, hi = self.p.requant.shift_range
         if scheme in arith.FLOAT_SCHEMES:  # an exact float: its significand and exponent
             b, (lo, hi) = arith.FLOAT_SCHEMES[scheme][2], intmodel.FLOAT_SHIFT_RANGE
+        elif scheme == "shift_only":
+            b = 0
         if b == 0:
             m = np.ones(size, dtype=np.int64)
         else:

@@ -312,3 +312,40 @@ def test_cli_import_then_golden_vectors_and_a_narrower_accumulator(tmp_path):
     with pytest.warns(AccumulatorOverflowWarning):
         report = simulate(intmodel.load(tmp_path / "n.qft"), x).report
     assert sum(r.overflows for r in report) > 0 and min(r.headroom_bits for r in report if r.acc_bits) < 0
+
+
+def test_float_edges_quantize_and_dequantize_are_taken_off():
+    """A model with float input and output (QUANTIZE first, DEQUANTIZE last, as converters without int8 I/O
+    write them) imports as its int8 core."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    core = (FIXTURES / "mixed.tflite").read_bytes()
+    model = fb.ModelT.InitFromPackedBuf(core, 0)
+    graph = model.subgraphs[0]
+    (x,), (y,) = graph.inputs, graph.outputs
+    for role, index in (("input_float", x), ("output_float", y)):
+        t = fb.TensorT()
+        t.shape, t.type, t.name, t.buffer = graph.tensors[index].shape, fb.TensorType.FLOAT32, role, 0
+        graph.tensors.append(t)
+    x_float, y_float = len(graph.tensors) - 2, len(graph.tensors) - 1
+    codes = []
+    for code in (fb.BuiltinOperator.QUANTIZE, fb.BuiltinOperator.DEQUANTIZE):
+        oc = fb.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, code, 1
+        model.operatorCodes.append(oc)
+        codes.append(len(model.operatorCodes) - 1)
+    quantize, dequantize = fb.OperatorT(), fb.OperatorT()
+    quantize.opcodeIndex, quantize.inputs, quantize.outputs = codes[0], [x_float], [x]
+    dequantize.opcodeIndex, dequantize.inputs, dequantize.outputs = codes[1], [y], [y_float]
+    graph.operators = [quantize, *graph.operators, dequantize]
+    graph.inputs, graph.outputs = [x_float], [y_float]
+    model.signatureDefs = None
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    wrapped = from_tflite(bytes(builder.Output()), "litert-xnnpack")
+    plain = from_tflite(core, "litert-xnnpack")
+    assert wrapped.inputs[0].quant == plain.inputs[0].quant and len(wrapped.nodes) == len(plain.nodes)
+    sample = np.random.default_rng(0).integers(-128, 128, (2, *plain.inputs[0].shape)).astype(np.int8)
+    assert np.array_equal(simulate(wrapped, sample).outputs[wrapped.outputs[0]],
+                          simulate(plain, sample).outputs[plain.outputs[0]])

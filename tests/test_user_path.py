@@ -110,3 +110,32 @@ def test_pt2_with_default_argument_forms_is_captured(tmp_path):
     assert [n.kind for n in graph.nodes if n.kind != "input"].count("conv") == 2
     with torch.no_grad():
         assert torch.allclose(graph.run(x)[graph.output], net(x), atol=1e-4)
+
+
+class SiluNet(torch.nn.Module):
+    """Two SiLUs and an elementwise product: three ops capture does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.act1, self.act2 = torch.nn.SiLU(), torch.nn.SiLU()
+
+    def forward(self, x):
+        y = self.act1(self.conv(x))
+        return self.act2(y) * y
+
+
+def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, capsys):
+    """Capture runs on one sample first, and names every unsupported op with its module path and count."""
+    import qftsim.loaders
+    from qftsim.cli import main
+
+    def no_full_read(*args, **kwargs):
+        raise AssertionError("the whole calibration set was read before the model was checked")
+
+    monkeypatch.setattr(qftsim.loaders, "load_calibration", no_full_read)
+    code = main(["quantize", "--factory", "tests.test_user_path:SiluNet", "--data", str(inputs / "images"),
+                 "--channels", "1", "-o", str(inputs / "never.qft")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "3 unsupported ops: SiLU x2 (at act1, act2); mul x1" in err and "Supported:" in err
