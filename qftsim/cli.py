@@ -79,7 +79,7 @@ def _simulate(args) -> int:
     x = load_input_array(model, args.input)
     result = simulate(model, x, keep_tensors=bool(args.dump), keep_accumulators=args.accumulators)
     if args.dump:
-        golden.write(model, result, args.dump)
+        golden.write(model, result, args.dump, replace=args.force)
         print(f"golden vectors: {args.dump}/manifest.json")
     if args.output:
         if len(result.outputs) != 1:
@@ -264,8 +264,28 @@ def _quantize(args) -> int:
     return EXIT_OK
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the option's default, where it has a real one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser (and, by argparse's default, its subcommands') whose help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qftsim", description=__doc__.splitlines()[0])
+    from qftsim import __version__
+
+    parser = _Parser(prog="qftsim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qftsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     profiles = sub.add_parser("profiles", help="list, show and validate hardware profiles")
@@ -275,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("profile", help="a shipped profile name or a .yaml file")
     show.set_defaults(func=_profiles_show)
     validate = psub.add_parser("validate", help="check profile files; exit 1 if any is invalid")
-    validate.add_argument("files", nargs="+")
+    validate.add_argument("files", nargs="+", help="profile .yaml files")
     validate.set_defaults(func=_profiles_validate)
 
     simulate = sub.add_parser("simulate", help="run a .qft model bit-exactly on an input batch")
@@ -283,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--input", required=True, help=".npy batch: integers as quantized, floats are quantized")
     simulate.add_argument("--dump", metavar="DIR", help="write golden vectors of every layer to DIR")
     simulate.add_argument("--accumulators", action="store_true", help="with --dump, also dump accumulators")
+    simulate.add_argument("--force", action="store_true",
+                          help="with --dump, replace an existing golden vector folder (one with manifest.json)")
     simulate.add_argument("--report", action="store_true", help="print the per-layer accumulator/clamp report")
     simulate.add_argument("--output", metavar="OUT.npy", help="write the integer output")
     simulate.set_defaults(func=_simulate)
@@ -290,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole path on the bundled MNIST subset: train/load, rtn and QFT, "
                                         "simulate, compile, verify, report")
     demo.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
-    demo.add_argument("--out", default="qftsim-demo", help="artifact folder (default ./qftsim-demo)")
+    demo.add_argument("--out", default="qftsim-demo", help="artifact folder")
     demo.add_argument("--epochs", type=int, default=4, help="QFT epochs")
-    demo.add_argument("--target", default="host", choices=["host", "x86-64"])
+    demo.add_argument("--target", default="host", choices=["host", "x86-64"],
+                      help="compile for this CPU (host) or portable x86-64")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
@@ -307,34 +330,38 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--channels", type=int, default=3, help="images: 1 (grey) or 3 (RGB)")
     quant.add_argument("--mean", default="0", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
     quant.add_argument("--std", default="1", help="images: per-channel std to divide by")
-    quant.add_argument("--profile", default="int8-default")
+    quant.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
     quant.add_argument("--method", default="qft", help="qft, or rtn/mse/cle/bias_correction joined by +")
     quant.add_argument("--init", default="best",
                        help="QFT's start: best (try every closed-form method), or one, e.g. rtn+bias_correction")
-    quant.add_argument("--epochs", type=int, default=4)
-    quant.add_argument("--dataset-size", type=int, default=1024)
-    quant.add_argument("--batch-size", type=int, default=32)
-    quant.add_argument("--lr", type=float, default=1e-3)
+    quant.add_argument("--epochs", type=int, default=4, help="QFT passes over the calibration samples")
+    quant.add_argument("--dataset-size", type=int, default=1024, help="calibration samples QFT uses")
+    quant.add_argument("--batch-size", type=int, default=32, help="samples per QFT step")
+    quant.add_argument("--lr", type=float, default=1e-3,
+                       help="Adam learning rate (absolute, or in quantization steps with --lr-unit step)")
     quant.add_argument("--lr-unit", default="absolute", choices=["absolute", "step"],
                        help="step: weights and biases move in quantization steps (layers of very different sizes)")
-    quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"])
+    quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"],
+                       help="distillation loss between the quantized and float outputs")
     quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
     quant.add_argument("--reconstruction-steps", type=int, default=0,
                        help="block-wise reconstruction steps per block before finetuning (0: none)")
     quant.add_argument("--reconstruction-lr", type=float, default=5e-2, help="its rate, in quantization steps")
     quant.add_argument("--freeze", action="append", metavar="GROUP",
                        help="weights, biases, weight_scales, act_scales or equalization")
-    quant.add_argument("--seed", type=int, default=0)
-    quant.add_argument("--device", default="cpu")
-    quant.add_argument("--quiet", action="store_true")
-    quant.add_argument("-o", "--output", required=True, metavar="OUT.qft")
+    quant.add_argument("--seed", type=int, default=0, help="seed of QFT's sample order")
+    quant.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where QFT trains")
+    quant.add_argument("--quiet", action="store_true", help="no progress bars")
+    quant.add_argument("-o", "--output", required=True, metavar="OUT.qft", help="the IntModel to write")
     quant.add_argument("--report", metavar="DIR", help="report folder (default OUT-report)")
     quant.set_defaults(func=_quantize)
 
     export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar")
-    export.add_argument("model")
-    export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"])
-    export.add_argument("-o", "--output", required=True, metavar="OUT.so")
+    export.add_argument("model", help="a .qft IntModel file")
+    export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"],
+                        help="this CPU (host, AVX-512 VNNI where it has it), portable x86-64, or aarch64 (cross)")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.so",
+                        help="the shared library to write (its sidecar OUT.so.json beside it)")
     export.set_defaults(func=_export)
 
     imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")
@@ -342,15 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--profile", default="litert-xnnpack",
                      help="whose arithmetic to simulate: litert-xnnpack (LiteRT's default CPU interpreter; the "
                           "default), litert-optimized, litert-reference, or a .yaml of your own target")
-    imp.add_argument("-o", "--output", required=True, metavar="OUT.qft")
+    imp.add_argument("-o", "--output", required=True, metavar="OUT.qft", help="the IntModel to write")
     imp.set_defaults(func=_import)
 
     verify = sub.add_parser("verify", help="run a .qft model and its compiled library on the same inputs; "
                                            "exit 1 on any difference")
-    verify.add_argument("model")
-    verify.add_argument("library")
-    verify.add_argument("--samples", type=int, default=16)
-    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("model", help="a .qft IntModel file")
+    verify.add_argument("library", help="its compiled library (OUT.so, with OUT.so.json)")
+    verify.add_argument("--samples", type=int, default=16, help="random input samples to compare")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     verify.set_defaults(func=_verify)
     return parser
 

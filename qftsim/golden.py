@@ -45,15 +45,22 @@ def dump(model: IntModel, inputs, out_dir: str | Path, *, accumulators: bool = F
     return write(model, simulate(model, inputs, keep_tensors=True, keep_accumulators=accumulators), out_dir)
 
 
-def _check_empty(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise QftsimError(f"{out_dir}: golden vector folder exists and is not empty")
+def _check_empty(out_dir: Path, replace: bool = False) -> None:
+    if not (out_dir.exists() and any(out_dir.iterdir())):
+        return
+    if not replace:
+        raise QftsimError(f"{out_dir}: golden vector folder exists and is not empty (--force replaces it)")
+    if not (out_dir / "manifest.json").is_file():
+        raise QftsimError(f"{out_dir}: not a golden vector folder (no manifest.json); not replacing it")
 
 
-def write(model: IntModel, result: SimResult, out_dir: str | Path) -> dict:
-    """Write a simulation's kept tensors (simulate(..., keep_tensors=True)) to `out_dir`; returns the manifest."""
+def write(model: IntModel, result: SimResult, out_dir: str | Path, replace: bool = False) -> dict:
+    """Write a simulation's kept tensors (simulate(..., keep_tensors=True)) to `out_dir`; returns the manifest.
+
+    `replace`: an existing golden vector folder there is swapped for the new one (readers see the old
+    folder or the new, never a mix); any other non-empty folder is refused."""
     out_dir = Path(out_dir)
-    _check_empty(out_dir)
+    _check_empty(out_dir, replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -73,9 +80,15 @@ def write(model: IntModel, result: SimResult, out_dir: str | Path) -> dict:
                     "hex": "two's complement, ceil(bits/4) digits, one value per line, row-major NCHW",
                     "tensors": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
+        old = None
+        if out_dir.exists() and any(out_dir.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "folder")
+        elif out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -158,6 +158,24 @@ def test_save_is_atomic(saved, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_golden_folder_is_replaced_only_when_asked_and_only_if_golden(saved, tmp_path):
+    model, _ = saved
+    x = np.random.default_rng(1).integers(-128, 128, size=(2, 3, 6, 6)).astype(np.int8)
+    result = simulate(model, x, keep_tensors=True)
+    golden.write(model, result, tmp_path / "gold")
+    with pytest.raises(QftsimError, match="not empty .--force replaces it"):
+        golden.write(model, result, tmp_path / "gold")
+    (tmp_path / "gold" / "stale.txt").write_text("old run")
+    golden.write(model, result, tmp_path / "gold", replace=True)
+    assert not (tmp_path / "gold" / "stale.txt").exists() and (tmp_path / "gold" / "manifest.json").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(QftsimError, match="not a golden vector folder"):
+        golden.write(model, result, tmp_path / "mine", replace=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
 def test_golden_vectors_reload_to_the_same_integers(saved, tmp_path):
     model, _ = saved
     x = np.random.default_rng(1).integers(-128, 128, size=(2, 3, 6, 6)).astype(np.int8)

@@ -139,3 +139,26 @@ def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "3 unsupported ops: SiLU x2 (at act1, act2); mul x1" in err and "Supported:" in err
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    import argparse
+
+    from qftsim.cli import build_parser, main
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield path, action
+
+    for path, action in walk(build_parser(), "qftsim"):
+        assert action.help, f"{path} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("qftsim ")
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert "(default: 1024)" in capsys.readouterr().out
