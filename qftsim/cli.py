@@ -256,6 +256,7 @@ def _quantize(args) -> int:
         sim = simulate(int_model, int_model.inputs[0].quant.quantize(data[:256].numpy()))
     report_dir = Path(args.report or Path(args.output).with_suffix("").as_posix() + "-report")
     rows = [("method", args.method), ("calibration loss", f"{report['final_loss']:.5g}"),
+            *([("QFT outcome", report["outcome"])] if "outcome" in report else []),
             ("accumulator overflows (calibration data)", sim.overflows)]
     write_report(report_dir, int_model.profile, {args.method: report}, sim.report, rows)
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=1, default=float).encode())

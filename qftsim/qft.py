@@ -159,9 +159,14 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
             start_loss = report["reconstructed_loss"] = evaluate_loss(start, data, teacher, cfg)
         qg = copy.deepcopy(start)
         report["loss_curve"] = finetune(qg, data, teacher, cfg)
-        report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
-        if report["final_loss"] > start_loss:  # never hand back worse than where finetuning started
+        finetuned_loss = report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
+        if finetuned_loss > start_loss:  # never hand back worse than where finetuning started
             qg, report["final_loss"], report["kept_start"] = start, start_loss, True
+        report["outcome"] = (f"QFT started from {chosen} (calibration loss {start_loss:.5g}); finetuning reached "
+                             f"{finetuned_loss:.5g}: " + ("worse, so the start is returned" if report.get("kept_start")
+                                                          else "kept"))
+        if cfg.progress:
+            print(report["outcome"])
         seconds["finetune"] = time.perf_counter() - clock
     else:
         qg = initialize(fg, profile, data, method, cfg)

@@ -67,6 +67,14 @@ def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
         assert np.array_equal(vm[f"m{i}"](tvm.runtime.tensor(q)).numpy().astype(np.int64), ints)
 
 
+def test_qft_says_whether_finetuning_was_kept(mnist):
+    x = mnist[0][:64]
+    _, report = quantize(reference_network("resnet"), x, "int8-default", epochs=1, dataset_size=64, progress=False,
+                         init="rtn")
+    assert report["outcome"].startswith("QFT started from rtn (calibration loss ")
+    assert ("the start is returned" in report["outcome"]) == bool(report.get("kept_start"))
+
+
 def test_max_pooling_quantizes_end_to_end(mnist):
     """nn.MaxPool2d (plain and padded) through capture, QFT, integerize and the simulator."""
     x, _, x_test, _ = mnist
