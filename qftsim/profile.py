@@ -275,7 +275,13 @@ def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
 
 
 def _fail(source: str, path: str, message: str) -> QftsimError:
-    return QftsimError(f"{source}: {path}: {message}")
+    return QftsimError(one_line(f"{source}: {path}: {message}"))
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A message as one printable line: control characters escaped, cut to `limit` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 15] + f"... ({len(text)} chars)"
 
 
 def _check_value(source: str, path: str, field: _Field, value: Any) -> Any:
@@ -296,7 +302,7 @@ def _parse_section(source: str, section: str, data: Any) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise _fail(source, section, f"expected a mapping with keys {', '.join(schema)}")
-    unknown = sorted(set(data) - set(schema))
+    unknown = sorted(set(data) - set(schema), key=str)
     if unknown:
         raise _fail(source, f"{section}.{unknown[0]}", f"unknown key; accepted keys: {', '.join(schema)}")
     out = {}
@@ -315,7 +321,7 @@ def _parse(data: Any, source: str) -> HardwareProfile:
     if not isinstance(data, dict):
         raise _fail(source, "<top>", "expected a YAML mapping")
     accepted = list(_TOP_LEVEL) + list(SCHEMA) + ["arithmetic"]
-    unknown = sorted(set(data) - set(accepted))
+    unknown = sorted(set(data) - set(accepted), key=str)
     if unknown:
         raise _fail(source, unknown[0], f"unknown key; accepted keys: {', '.join(accepted)}")
     for key, kind in _TOP_LEVEL.items():
@@ -463,14 +469,36 @@ def load_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise QftsimError(f"{text_path}: no such profile file")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise QftsimError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+        except OSError as exc:
+            raise QftsimError(f"{path}: cannot read ({exc.strerror})") from None
     elif text_path in list_profiles():
         text, source = (_bundled_dir() / f"{text_path}.yaml").read_text(), f"hwprofiles/{text_path}.yaml"
     else:
         raise QftsimError(f"unknown profile {text_path!r}; shipped profiles: {', '.join(list_profiles())} "
                           "(or give a path to a .yaml file)")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ProfileLoader)
     except yaml.YAMLError as exc:
-        raise QftsimError(f"{source}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QftsimError(f"{source}: not valid YAML: {where}{problem}") from None
+    except RecursionError:
+        raise QftsimError(f"{source}: nested too deeply") from None
     return _parse(data, source)
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a profile has no use for them, and a few bytes of nested aliases (a
+    "billion laughs") would expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a profile",
+                                              event.start_mark)
+        return super().compose_node(parent, index)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import yaml
 
 from qftsim import QftsimError, list_profiles, load_profile
@@ -135,3 +136,57 @@ def test_cli_list_and_show_as_a_process():
     res = subprocess.run([sys.executable, "-m", "qftsim.cli", "profiles", "show", "nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown profile" in res.stderr
+
+
+def test_yaml_problems_are_one_line_with_line_and_column(tmp_path):
+    cases = {
+        "bomb.yaml": 'a: &a ["x", "x"]\nb: [*a, *a]\n',
+        "syntax.yaml": "name: x\nschema_version: 1\ndescription: [unclosed\n",
+        "deep.yaml": "a: " + "[" * 5000 + "]" * 5000 + "\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(QftsimError) as info:
+            load_profile(tmp_path / name)
+        assert "\n" not in str(info.value) and str(tmp_path / name) in str(info.value)
+    with pytest.raises(QftsimError, match="aliases"):
+        load_profile(tmp_path / "bomb.yaml")
+    with pytest.raises(QftsimError, match=r"line 4, column 1"):
+        load_profile(tmp_path / "syntax.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(QftsimError, match="not a UTF-8 text file"):
+        load_profile(tmp_path / "binary.yaml")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_as_a_profile_load_or_fail_in_one_line(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("p") / "any.yaml"
+    path.write_bytes(blob)
+    try:
+        load_profile(path)
+    except QftsimError as exc:
+        assert "\n" not in str(exc)
+
+
+JUNK = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6) | st.integers(),
+                                                                               inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list_profiles()), st.lists(st.tuples(st.sampled_from(
+    ["weights", "activations", "bias", "accumulator", "requant", "ops", "arithmetic", "name", 7]),
+    st.text(max_size=12) | st.integers(), JUNK), max_size=3))
+def test_a_damaged_profile_is_refused_in_one_line_or_loads(name, edits):
+    """Any value at any key of a shipped profile: a QftsimError naming where, or a valid profile; nothing else."""
+    data = copy.deepcopy(load_profile(name).to_dict())
+    for section, key, value in edits:
+        if isinstance(data.get(section), dict):
+            data[section][key] = value
+        else:
+            data[section] = value
+    try:
+        HardwareProfile.from_dict(data)
+    except QftsimError as exc:
+        assert "\n" not in str(exc)
