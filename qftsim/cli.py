@@ -55,9 +55,15 @@ def load_input_array(model, path: str):
     import numpy as np
 
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise QftsimError(f"{path}: not a readable .npy array ({exc})") from None
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")  # a header claiming more than the file is refused
+    except (OSError, ValueError, EOFError) as exc:
+        raise QftsimError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else 'empty'})") \
+            from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise QftsimError(f"{path}: an .npz archive; give one .npy array (np.save)")
+    if arr.ndim == 0 or len(arr) == 0:
+        raise QftsimError(f"{path}: holds no samples (shape {arr.shape})")
+    arr = np.array(arr)
     spec = model.inputs[0]
     if arr.dtype.kind in "iu":
         print(f"input {path}: {arr.dtype} {arr.shape}, taken as already-quantized integers")

@@ -60,9 +60,14 @@ def write(model: IntModel, result: SimResult, out_dir: str | Path, replace: bool
     `replace`: an existing golden vector folder there is swapped for the new one (readers see the old
     folder or the new, never a mix); any other non-empty folder is refused."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QftsimError(f"{out_dir}: is a file, not a folder for golden vectors")
     _check_empty(out_dir, replace)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise QftsimError(f"{out_dir}: cannot write there ({exc.strerror})") from None
     try:
         entries = []
         order = [(i.name, "input", []) for i in model.inputs] + [(n.name, n.op, n.inputs) for n in model.nodes]
@@ -89,6 +94,9 @@ def write(model: IntModel, result: SimResult, out_dir: str | Path, replace: bool
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QftsimError(f"{out_dir}: cannot write golden vectors ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -166,9 +166,19 @@ def _write_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one; the file gets `mode`
-    less the umask, as any file the user creates (the temporary file's private 0600 is not kept)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    less the umask, as any file the user creates (the temporary file's private 0600 is not kept). A file
+    system error (read-only folder, a file where a folder should be, a folder in the way, a full disk) is a
+    QftsimError naming the file; the old file is kept."""
+    if path.is_dir():
+        raise QftsimError(f"{path}: is a folder; give a file name")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise QftsimError(f"{path}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise QftsimError(f"{path}: cannot write there ({exc.strerror})") from None
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -176,6 +186,9 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise QftsimError(f"{path}: cannot write ({exc.strerror}); the old file, if any, is kept") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qftsim import QftsimError
 from qftsim.sim import AccumulatorOverflowWarning, simulate
+from qftsim.zoo import random_cnn
 from tests import gen, naive
 
 
@@ -81,3 +82,55 @@ def test_input_checks():
         simulate(model, np.zeros((1, 5), np.int8))
     with pytest.raises(QftsimError, match="outside"):
         simulate(model, np.full((1, 4), 300, np.int16))
+
+
+def _simulate_cli(tmp_path, model_path, *args):
+    import contextlib
+    import io
+
+    from qftsim.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["simulate", str(model_path), *args])
+    return code, err.getvalue()
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    model, _ = random_cnn(channels=4, size=6)
+    model.save(tmp_path / "m.qft")
+    good = np.zeros((2, *model.inputs[0].shape), np.int8)
+    np.save(tmp_path / "good.npy", good)
+    return tmp_path / "m.qft", good
+
+
+@pytest.mark.parametrize("case", ["empty file", "npz", "no samples", "truncated", "header claims 2^40 samples"])
+def test_bad_simulate_inputs_are_one_line_errors(tmp_path, saved_model, case):
+    model_path, good = saved_model
+    raw = (tmp_path / "good.npy").read_bytes()
+    path = tmp_path / "x.npy"
+    if case == "empty file":
+        path.write_bytes(b"")
+    elif case == "npz":
+        np.savez(path.with_suffix(".npz"), x=good)
+        path = path.with_suffix(".npz")
+    elif case == "no samples":
+        np.save(path, good[:0])
+    elif case == "truncated":
+        path.write_bytes(raw[:len(raw) // 2])
+    else:
+        path.write_bytes(raw.replace(b"(2, ", b"(1099511627776, "))
+    code, err = _simulate_cli(tmp_path, model_path, "--input", str(path))
+    assert code == 2 and err.startswith("qftsim: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("where", ["onto a folder", "under a file", "dump onto a file"])
+def test_bad_simulate_outputs_are_one_line_errors(tmp_path, saved_model, where):
+    model_path, _ = saved_model
+    target = {"onto a folder": ["--output", str(tmp_path)],
+              "under a file": ["--output", str(tmp_path / "good.npy" / "y.npy")],
+              "dump onto a file": ["--dump", str(tmp_path / "good.npy")]}[where]
+    code, err = _simulate_cli(tmp_path, model_path, "--input", str(tmp_path / "good.npy"), *target)
+    assert code == 2 and err.count("\n") == 1, err
+    assert np.load(tmp_path / "good.npy").shape[0] == 2  # nothing was overwritten
