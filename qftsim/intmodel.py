@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import json
 import os
 import tempfile
@@ -206,9 +207,11 @@ def load(path: str | Path) -> IntModel:
                 raise QftsimError(f"{path}: not a qftsim model (no manifest.json)")
             manifest = json.loads(zf.read("manifest.json"))
             members = {name: zf.read(name) for name in names if name.startswith("arrays/")}
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+    except RecursionError:  # (a RuntimeError, as are an encrypted member's errors: caught first)
+        raise QftsimError(f"{path}: manifest.json is nested too deeply") from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise QftsimError(f"{path}: not a readable qftsim model file ({exc})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QftsimError(f"{path}: manifest.json is not valid JSON ({exc})") from None
     try:
         return _from_manifest(manifest, members)
@@ -227,10 +230,11 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
         profile = HardwareProfile.from_dict(manifest["profile"], source="manifest.json profile")
         if manifest["profile_hash"] != profile.hash:
             raise QftsimError("profile_hash does not match the embedded profile")
-        inputs = [ModelInput(i["name"], tuple(i["shape"]), _quant(i["quant"], f"input {i['name']}"))
-                  for i in manifest["inputs"]]
+        inputs = [ModelInput(_check_name(i["name"], "input"), tuple(i["shape"]),
+                             _quant(i["quant"], f"input {i['name']}")) for i in manifest["inputs"]]
         nodes = []
         for n in manifest["nodes"]:
+            _check_name(n["name"], "node")
             arrays = {}
             for key in n["arrays"]:
                 member = f"arrays/{n['name']}/{key}.npy"
@@ -238,8 +242,8 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
                     raise QftsimError(f"node {n['name']!r}: array {key!r} is missing from the file")
                 try:
                     arrays[key] = np.load(io.BytesIO(members[member]), allow_pickle=False)
-                except ValueError as exc:
-                    raise QftsimError(f"node {n['name']!r}: array {key!r} is unreadable ({exc})") from None
+                except (ValueError, EOFError) as exc:
+                    raise QftsimError(f"node {n['name']!r}: array {key!r} is unreadable ({exc or 'empty'})") from None
             nodes.append(Node(n["name"], n["op"], list(n["inputs"]), _quant(n["quant"], f"node {n['name']}"),
                               dict(n["attrs"]), arrays))
         return IntModel(profile, inputs, nodes, list(manifest["outputs"]))
@@ -248,9 +252,26 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
 
 
 def _quant(d: dict, where: str) -> TensorQuant:
-    if set(d) != {"bits", "signed", "zero_point", "scale"}:
+    """A tensor's quantization from the manifest, types checked exactly (8.9 is not 8, "false" is not False)."""
+    if not isinstance(d, dict) or set(d) != {"bits", "signed", "zero_point", "scale"}:
         raise QftsimError(f"{where}: quant needs exactly bits, signed, zero_point, scale")
-    return TensorQuant(int(d["bits"]), bool(d["signed"]), int(d["zero_point"]), float(d["scale"]))
+    for key, kind in (("bits", int), ("signed", bool), ("zero_point", int)):
+        if type(d[key]) is not kind:
+            raise QftsimError(f"{where}: quant {key} must be {'an integer' if kind is int else 'true or false'}, "
+                              f"got {d[key]!r}")
+    if type(d["scale"]) not in (int, float) or not np.isfinite(d["scale"]):
+        raise QftsimError(f"{where}: quant scale must be a finite number, got {d['scale']!r}")
+    if not 1 <= d["bits"] <= 32:
+        raise QftsimError(f"{where}: quant bits must be in [1, 32], got {d['bits']}")
+    return TensorQuant(d["bits"], d["signed"], d["zero_point"], float(d["scale"]))
+
+
+def _check_name(name, where: str) -> str:
+    """Tensor names become file names of golden vectors: printable, no path separators, not empty."""
+    if not (isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable() and "/" not in name
+            and "\\" not in name and name not in (".", "..")):
+        raise QftsimError(f"{where}: name {name!r} must be 1-200 printable characters without / or \\")
+    return name
 
 
 # ---------------------------------------------------------------- validation
@@ -432,7 +453,7 @@ def _check_conv2d(node, profile, in_shapes, in_quants):
     if w.ndim != 4 or type(groups) is not int or groups < 1:
         raise _err(node, f"weight must be (O, C/groups, kh, kw) with groups >= 1, got {w.shape}, groups {groups}")
     o, cg, kh, kw = w.shape
-    if cg * groups != shape[0] or o % groups:
+    if cg * groups != shape[0] or o % groups or o == 0:
         raise _err(node, f"weight shape {w.shape} with groups {groups} does not fit {shape[0]} input channels")
     sh, sw = _ints(node, "stride", 2)
     dh, dw = _ints(node, "dilation", 2)
@@ -451,7 +472,7 @@ def _check_conv2d(node, profile, in_shapes, in_quants):
 def _check_linear(node, profile, in_shapes, in_quants):
     (shape,) = in_shapes
     w = node.arrays["weight"]
-    if len(shape) != 1 or w.ndim != 2 or w.shape[1] != shape[0]:
+    if len(shape) != 1 or w.ndim != 2 or w.shape[1] != shape[0] or w.shape[0] == 0:
         raise _err(node, f"weight {w.shape} does not fit input {shape} (needs a flat input of {w.shape[-1]})")
     _check_matmul_params(node, profile, w.shape[0])
     return (w.shape[0],)
@@ -547,13 +568,13 @@ def _check_reshape(node, profile, in_shapes, in_quants):
     if not (isinstance(target, list) and all(type(v) is int and (v > 0 or v == -1) for v in target)
             and target.count(-1) <= 1):
         raise _err(node, f"shape must be positive integers with at most one -1, got {target!r}")
-    size = int(np.prod(shape))
-    known = int(np.prod([v for v in target if v != -1]))
+    size = math.prod(shape)  # Python integers: a product that overflows int64 is still refused
+    known = math.prod(v for v in target if v != -1)
     if -1 in target:
         if size % known:
             raise _err(node, f"cannot reshape {shape} to {target}")
         target = [size // known if v == -1 else v for v in target]
-    if int(np.prod(target)) != size:
+    if math.prod(target) != size:
         raise _err(node, f"cannot reshape {shape} to {target}")
     _check_same_quant(node, in_quants)
     return tuple(target)

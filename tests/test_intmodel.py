@@ -97,6 +97,18 @@ CORRUPTIONS = {
     "dangling input": (dict(edit_manifest=lambda m: m["nodes"][1].update(inputs=["nope"])), "'conv1'.*'nope'"),
     "profile hash": (dict(edit_manifest=_set(["profile_hash"], "0" * 16)), "profile_hash"),
     "missing field": (dict(edit_manifest=lambda m: m.pop("outputs")), "missing or malformed field 'outputs'"),
+    "fractional bits": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(bits=8.9)), "bits must be an integer"),
+    "fractional zero point": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(zero_point=-94.3)),
+                              "zero_point must be an integer"),
+    "boolean zero point": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(zero_point=True)),
+                           "zero_point must be an integer"),
+    "string signed": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(signed="false")),
+                      "signed must be true or false"),
+    "NaN scale": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(scale=float("nan"))),
+                  "scale must be a finite number"),
+    "path in a name": (dict(edit_manifest=lambda m: m["inputs"][0].update(name="../x")), "name '../x' must be"),
+    "empty member": (dict(replace={"arrays/fc/bias.npy": b""}), "'fc'.*bias.*unreadable"),
+    "zero outputs": (dict(replace={"arrays/fc/weight.npy": _npy(np.zeros((0, 4), np.int8))}), "'fc'.*does not fit"),
     "zero point out of range": (dict(edit_manifest=lambda m: m["nodes"][0]["quant"].update(zero_point=500)),
                                 "conv0.*zero point 500"),
 }
@@ -122,6 +134,31 @@ def test_format1_files_still_load_and_compute_the_same():
     assert old.profile.hash == "446c03d98527f1a9"  # its embedded profile (whose op list predates mean)
     x = np.random.default_rng(0).integers(-128, 128, (4, *new.inputs[0].shape)).astype(np.int8)
     assert np.array_equal(simulate(old, x).outputs["fc"], simulate(new, x).outputs["fc"])
+
+
+def test_deep_json_and_unsupported_compression_are_named(saved, tmp_path):
+    _, path = saved
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    deep = tmp_path / "deep.qft"
+    with zipfile.ZipFile(deep, "w") as zf:
+        zf.writestr("manifest.json", "[" * 100000 + "]" * 100000)
+    with pytest.raises(QftsimError, match="nested too deeply|not valid JSON"):
+        intmodel.load(deep)
+    odd = tmp_path / "lzma.qft"
+    with zipfile.ZipFile(odd, "w", compression=zipfile.ZIP_LZMA) as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    raw = bytearray(odd.read_bytes())
+    for marker in (b"PK\x03\x04", b"PK\x01\x02"):  # claim an unknown compression method (99) everywhere
+        start = 0
+        while (i := raw.find(marker, start)) >= 0:
+            offset = i + (8 if marker == b"PK\x03\x04" else 10)
+            raw[offset:offset + 2] = (99).to_bytes(2, "little")
+            start = i + 4
+    odd.write_bytes(bytes(raw))
+    with pytest.raises(QftsimError, match="not a readable qftsim model file"):
+        intmodel.load(odd)
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
