@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from qftsim.errors import QftsimError
@@ -189,6 +190,30 @@ def _demo(args) -> int:
     return EXIT_OK if equal and summary["compiled_equals_simulator"] else EXIT_CHECK_FAILED
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a size, a count of epochs or samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _loss_layers(items: list[str] | None) -> dict[str, float]:
+    layers = {}
+    for item in items or []:
+        name, sep, factor = item.partition("=")
+        try:
+            layers[name] = float(factor) if sep else 1.0
+        except ValueError:
+            raise QftsimError(f"--loss-layer {item!r}: expected NODE=FACTOR with a number, e.g. conv3=0.5") from None
+        if not name or not np.isfinite(layers[name]) or layers[name] < 0:
+            raise QftsimError(f"--loss-layer {item!r}: expected NODE=FACTOR with a node name and a factor >= 0")
+    return layers
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -233,15 +258,18 @@ def _quantize(args) -> int:
     from qftsim.qgraph import check_profile_can_express
 
     model = load_exported_program(args.model) if args.model else load_factory(args.factory, args.weights)
-    image_options = (args.resize, args.crop, _floats(args.mean), _floats(args.std), args.channels, args.npz_key)
+    mean, std = _floats(args.mean), _floats(args.std)
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, args.channels):
+            raise QftsimError(f"{flag} has {len(values)} values; give 1 or --channels ({args.channels})")
+    if any(v <= 0 for v in std):
+        raise QftsimError(f"--std must be positive, got {args.std}")
+    image_options = (args.resize, args.crop, mean, std, args.channels, args.npz_key)
+    loss_layers = _loss_layers(args.loss_layer)
     # fail in seconds: the model is captured and checked against the profile on one sample, before the data
     check_profile_can_express(capture_checked(model, first_sample(args.data, *image_options)),
                               load_profile(args.profile))
     data = load_calibration(args.data, *image_options)
-    loss_layers = {}
-    for item in args.loss_layer or []:
-        name, _, factor = item.partition("=")
-        loss_layers[name] = float(factor or 1.0)
     with _torchrun_group(args.device) as (rank, world, device):
         if rank == 0:
             print(f"calibration data: {tuple(data.shape)} from {args.data}")
@@ -320,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "simulate, compile, verify, report")
     demo.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
     demo.add_argument("--out", default="qftsim-demo", help="artifact folder")
-    demo.add_argument("--epochs", type=int, default=4, help="QFT epochs")
+    demo.add_argument("--epochs", type=_count, default=4, help="QFT epochs")
     demo.add_argument("--target", default="host", choices=["host", "x86-64"],
                       help="compile for this CPU (host) or portable x86-64")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -332,18 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--weights", help="state dict for the factory's model (torch.load weights_only=True)")
     quant.add_argument("--data", required=True, help=".npy, .npz or a folder of images")
     quant.add_argument("--npz-key", help="which array of an .npz")
-    quant.add_argument("--resize", type=int, help="images: shorter side to this many pixels")
-    quant.add_argument("--crop", type=int, help="images: center crop to this square size")
-    quant.add_argument("--channels", type=int, default=3, help="images: 1 (grey) or 3 (RGB)")
+    quant.add_argument("--resize", type=_count, help="images: shorter side to this many pixels")
+    quant.add_argument("--crop", type=_count, help="images: center crop to this square size, in pixels")
+    quant.add_argument("--channels", type=int, default=3, choices=[1, 3], help="images: 1 (grey) or 3 (RGB)")
     quant.add_argument("--mean", default="0", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
     quant.add_argument("--std", default="1", help="images: per-channel std to divide by")
     quant.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
     quant.add_argument("--method", default="qft", help="qft, or rtn/mse/cle/bias_correction joined by +")
     quant.add_argument("--init", default="best",
                        help="QFT's start: best (try every closed-form method), or one, e.g. rtn+bias_correction")
-    quant.add_argument("--epochs", type=int, default=4, help="QFT passes over the calibration samples")
-    quant.add_argument("--dataset-size", type=int, default=1024, help="calibration samples QFT uses")
-    quant.add_argument("--batch-size", type=int, default=32, help="samples per QFT step")
+    quant.add_argument("--epochs", type=_count, default=4, help="QFT passes over the calibration samples")
+    quant.add_argument("--dataset-size", type=_count, default=1024, help="calibration samples QFT uses")
+    quant.add_argument("--batch-size", type=_count, default=32, help="samples per QFT step")
     quant.add_argument("--lr", type=float, default=1e-3,
                        help="Adam learning rate (absolute, or in quantization steps with --lr-unit step)")
     quant.add_argument("--lr-unit", default="absolute", choices=["absolute", "step"],
@@ -383,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "exit 1 on any difference")
     verify.add_argument("model", help="a .qft IntModel file")
     verify.add_argument("library", help="its compiled library (OUT.so, with OUT.so.json)")
-    verify.add_argument("--samples", type=int, default=16, help="random input samples to compare")
+    verify.add_argument("--samples", type=_count, default=16, help="random input samples to compare")
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     verify.set_defaults(func=_verify)
     return parser

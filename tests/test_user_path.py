@@ -162,3 +162,26 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "(default: 1024)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--resize", "0"], ["--crop", "-3"], ["--epochs", "0"], ["--device", "bogus"],
+                                 ["--channels", "2"]])
+def test_impossible_option_values_are_refused_by_the_parser(inputs, bad):
+    from qftsim.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "images"), *bad,
+              "-o", str(inputs / "never.qft")])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("bad,message", [(["--mean", "0.1,0.2"], "--mean has 2 values"),
+                                         (["--std", "0"], "--std must be positive"),
+                                         (["--loss-layer", "conv=abc"], "expected NODE=FACTOR")])
+def test_inconsistent_options_are_one_line_errors(inputs, capsys, bad, message):
+    from qftsim.cli import main
+
+    code = main(["quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "images"),
+                 "--channels", "1", *bad, "-o", str(inputs / "never.qft")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
