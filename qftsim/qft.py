@@ -131,6 +131,9 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         teacher = torch.as_tensor(teacher_outputs).float()[: len(data)]
         if teacher.shape[0] != len(data):
             raise QftsimError(f"teacher_outputs has {teacher.shape[0]} rows for {len(data)} calibration samples")
+    if not torch.isfinite(teacher).all():
+        raise QftsimError(f"the float model's outputs on the calibration data are not finite (the data reaches "
+                          f"{float(data.abs().max()):.3g}: is it scaled as the model expects?)")
     seconds["capture"] = time.perf_counter() - clock
     report = {"method": method, "profile": profile.name, "seconds": seconds, "loss_curve": []}
     clock = time.perf_counter()
@@ -421,6 +424,11 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
             loss = loss_fn(cfg.loss, out, teacher[idx])
             for layer, target in layer_targets(qg.fg, data[idx], cfg.loss_layers).items():
                 loss = loss + cfg.loss_layers[layer] * loss_fn("l2rel", inner[layer], target)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise QftsimError(f"QFT step {len(curve) + 1} of {total}: the loss is {float(loss)} (not finite); "
+                                  f"the calibration data reaches {float(data.abs().max()):.3g}: is it scaled as "
+                                  "the model expects?")
             optimizer.zero_grad()
             loss.backward()
             if distributed:

@@ -195,6 +195,8 @@ def test_errors_before_training(mnist):
     x = mnist[0][:8]
     with pytest.raises(QftsimError, match=r"1 unsupported op: gelu x1 \(at gelu\)\. Supported: Conv2d"):
         quantize(_Odd(), x, "int8-default", method="rtn")
+    with pytest.raises(QftsimError, match="outputs on the calibration data are not finite"):
+        quantize(reference_network("resnet"), x * 1e38, "int8-default", method="rtn")
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(QftsimError, match="NaN"):
