@@ -89,7 +89,7 @@ def compare_with_engine(model: bytes, profile, resolver, x_nhwc: np.ndarray, tal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccumulatorOverflowWarning)
         ours = simulate(int_model, to_nchw(x_nhwc), keep_tensors=True).tensors
-    ops = {n.name: n.op for n in int_model.nodes}
+    ops = {n.name: "depthwise_conv2d" if n.attrs.get("depthwise") else n.op for n in int_model.nodes}
     differ = 0
     deployed = engine_tensors(model, resolver, x_nhwc, every_tensor=False)
     for sample, theirs in enumerate(engine_tensors(model, resolver, x_nhwc)):
@@ -181,6 +181,41 @@ def test_generated_networks_equal_litert_on_every_tensor(network):
     x = edge_inputs(shape, zero_point, rng)
     for profile, resolver in ENGINES.items():
         assert compare_with_engine(model, profile, resolver, x) == 0, profile
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(networks(), min_size=8, max_size=8))
+def test_generated_networks_compiled_equal_litert(batch):
+    """Generated networks, imported for every profile and compiled by TVM together (one module), give the
+    interpreter's outputs."""
+    pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is not installed")
+    import tvm
+    from tvm import relax
+
+    from export.build import compile_module
+    from export.lower import lower_into
+    from tests.tflite_models import quantize_int8
+
+    bb, cases = relax.BlockBuilder(), []
+    for float_model, shape, seed in batch:
+        rng = np.random.default_rng(seed)
+        model = quantize_int8(float_model, rng.standard_normal((8, *shape[1:])).astype(np.float32))
+        if min(q.scale for q in _activation_quants(model)) <= 1e-6:  # see the test above
+            continue
+        for profile in ENGINES:
+            importer = _TfliteImporter(model, load_profile(profile), "<test>")
+            int_model = importer.run()
+            lower_into(bb, int_model, f"m{len(cases)}")
+            (out_index,) = [k for k, v in importer.tensor_of.items() if v == int_model.outputs[0]]
+            x = edge_inputs(shape, int_model.inputs[0].quant.zero_point, rng)
+            cases.append((model, profile, x, out_index))
+    assume(cases)
+    vm = relax.VirtualMachine(compile_module(bb.get(), "host"), tvm.cpu())
+    for i, (model, profile, x, out_index) in enumerate(cases):
+        compiled = vm[f"m{i}"](tvm.runtime.tensor(to_nchw(x))).numpy()
+        for sample, theirs in enumerate(engine_tensors(model, ENGINES[profile], x, every_tensor=False)):
+            ref = theirs[out_index]
+            assert np.array_equal(to_nhwc(compiled[sample:sample + 1]).reshape(ref.shape), ref), (profile, sample)
 
 
 def _activation_quants(model: bytes):
