@@ -164,7 +164,9 @@ def networks(draw):
     return m.to_bytes(x), (1, size, size, channels), seed
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same networks every run, so CI judges the code, not the draw (the 400-example hunt in the
+# notes ran with random draws)
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(networks())
 def test_generated_networks_equal_litert_on_every_tensor(network):
     pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is not installed: generated networks "
@@ -183,7 +185,8 @@ def test_generated_networks_equal_litert_on_every_tensor(network):
         assert compare_with_engine(model, profile, resolver, x) == 0, profile
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(networks(), min_size=8, max_size=8))
 def test_generated_networks_compiled_equal_litert(batch):
     """Generated networks, imported for every profile and compiled by TVM together (one module), give the
