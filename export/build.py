@@ -82,8 +82,8 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
             raise QftsimError(f"cross toolchain {AARCH64_GCC} not found: install Debian's gcc-aarch64-linux-gnu "
                               "(apt-get install gcc-aarch64-linux-gnu)")
         fcompile = tvm.support.cc.cross_compiler(AARCH64_GCC)
+    _check_writable(path)  # before the compile, which takes minutes
     executable = _build(model, target)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         lib = Path(tmp) / path.name
         if fcompile is None:
@@ -95,6 +95,18 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
     atomic_write_bytes(path, data, mode=0o777)  # as a linker leaves a shared library
     atomic_write_bytes(_sidecar_path(path), json.dumps(sidecar, indent=1).encode())
     return sidecar
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, in one line and before any work, an output the library could not be written to."""
+    if path.is_dir():
+        raise QftsimError(f"{path}: is a folder; give a file name for the library")
+    try:
+        probe = path.with_name(f".{path.name}.probe")
+        atomic_write_bytes(probe, b"")
+        probe.unlink()
+    except QftsimError as exc:
+        raise QftsimError(f"{path}: cannot write the library there ({str(exc).split(': ', 1)[-1]})") from None
 
 
 def _sidecar_path(path: Path) -> Path:

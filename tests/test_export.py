@@ -145,3 +145,15 @@ def test_aarch64_cross_compile_runs_under_qemu(exported, tmp_path):
     x = np.random.default_rng(4).integers(-128, 128, size=(3, 3, 8, 8)).astype(np.int8)
     got = aarch64.run_under_qemu(model, x, tmp_path)
     assert np.array_equal(got, simulate(model, x).outputs["fc"])
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_export_refuses_an_unwritable_output_before_compiling(tmp_path, monkeypatch, where):
+    import export.build as build
+
+    monkeypatch.setattr(build, "_build", lambda *a: pytest.fail("compiled before checking the output"))
+    (tmp_path / "file").write_text("x")
+    model, _ = random_cnn(channels=4, size=4)
+    target = tmp_path if where == "folder" else tmp_path / "file" / "m.so"
+    with pytest.raises(QftsimError, match="is a folder|cannot write the library there"):
+        build.export_library(model, target)
