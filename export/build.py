@@ -159,12 +159,16 @@ def load(path: str | Path) -> "CompiledModel":
     if not side.is_file():
         raise QftsimError(f"{path}: its sidecar {side.name} is missing")
     try:
-        sidecar = json.loads(side.read_text())
-        ok = sidecar.get("format") == SIDECAR_FORMAT
-    except (json.JSONDecodeError, AttributeError):
+        sidecar = json.loads(side.read_bytes().decode("utf-8"))
+        ok = isinstance(sidecar, dict) and sidecar.get("format") == SIDECAR_FORMAT
+    except (ValueError, RecursionError, OSError):  # JSON and UTF-8 errors are ValueErrors
         ok = False
     if not ok:
         raise QftsimError(f"{side}: not a qftsim TVM sidecar")
+    missing = [k for k, kind in (("target", str), ("library_sha256", str), ("inputs", list), ("outputs", list))
+               if not isinstance(sidecar.get(k), kind)]
+    if missing:
+        raise QftsimError(f"{side}: incomplete sidecar (no valid {', '.join(missing)}): re-export the library")
     if sidecar.get("format_version") != SIDECAR_VERSION:
         raise QftsimError(f"{side}: format_version {sidecar.get('format_version')!r}, this qftsim reads "
                           f"{SIDECAR_VERSION}")

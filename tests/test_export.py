@@ -157,3 +157,13 @@ def test_export_refuses_an_unwritable_output_before_compiling(tmp_path, monkeypa
     target = tmp_path if where == "folder" else tmp_path / "file" / "m.so"
     with pytest.raises(QftsimError, match="is a folder|cannot write the library there"):
         build.export_library(model, target)
+
+
+@pytest.mark.parametrize("sidecar", [b"\xff\xfe garbage", b"[1, 2]", b'{"format": "qftsim.tvm"}', b"[" * 100000])
+def test_verify_refuses_a_bad_sidecar_in_one_line(exported, tmp_path, sidecar):
+    model, folder = exported
+    copy = tmp_path / "m.so"
+    copy.write_bytes((folder / "m.so").read_bytes())
+    (tmp_path / "m.so.json").write_bytes(sidecar)
+    with pytest.raises(QftsimError, match="sidecar"):
+        export.load(copy)
