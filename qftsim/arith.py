@@ -224,9 +224,14 @@ def requantize_channels(acc, multiplier, shift, op, channels: int, acc_peak: flo
         return y
     tail = requantize(acc, multiplier, shift, op.tail_rounding, acc_peak, op.scheme)
     in_tail = (np.arange(channels) >= start).reshape((1, channels) + (1,) * (np.ndim(multiplier) - 2))
-    if _is_expr(y):
-        return y.select(in_tail, tail, y)
-    return _where(torch.from_numpy(in_tail) if _is_torch(y) else in_tail, tail, y)
+    return _select(in_tail, tail, y)
+
+
+def _select(mask: np.ndarray, a, b):
+    """a where the constant boolean `mask` holds, else b (numpy, torch or a symbolic tensor)."""
+    if _is_expr(b):
+        return b.select(mask, a, b)
+    return _where(torch.from_numpy(mask) if _is_torch(b) else mask, a, b)
 
 
 def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: int, op, element_shape):
@@ -250,10 +255,7 @@ def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: 
     nhwc = np.arange(size).reshape(element_shape[1:] + element_shape[:1] if len(element_shape) == 3
                                    else element_shape)
     in_tail = (nhwc >= start).transpose(2, 0, 1) if len(element_shape) == 3 else nhwc >= start
-    tail = rounded(op.tail_rounding)
-    if _is_expr(y):
-        return y.select(in_tail[None], tail, y)
-    return _where(torch.from_numpy(in_tail[None]) if _is_torch(y) else in_tail[None], tail, y)
+    return _select(in_tail[None], rounded(op.tail_rounding), y)
 
 
 def _requantize_int64(v, m, t, rounding: str):
