@@ -32,6 +32,9 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, OpArithmetic, int_range
 
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
+# the IntModel op each captured node kind becomes
+INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "cat": "concat", "maxpool": "maxpool2d",
+           "avgpool": "avgpool2d", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
 _SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
 _BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
 
@@ -263,7 +266,7 @@ class QGraph(nn.Module):
         if n.kind == "conv":
             depthwise = n.attrs["groups"] > 1 and n.weight.shape[1] == 1  # as intmodel's "auto" decides it
             return self.profile.arithmetic("depthwise_conv2d" if depthwise else "conv2d")
-        return self.profile.arithmetic({"linear": "linear", "add": "add", "cat": "concat", "avgpool": "avgpool2d"}[n.kind])
+        return self.profile.arithmetic(INT_OPS[n.kind])
 
     def multipliers(self, real: torch.Tensor, scheme: str = "fixed_point"):
         """(factor used in training, m, t): the hardware's m * 2^-t, with the real factor's gradient."""
@@ -493,7 +496,7 @@ class QGraph(nn.Module):
                 if n.kind == "conv":
                     attrs.update(stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
                                  dilation=list(n.attrs["dilation"]), groups=n.attrs["groups"])
-                nodes.append(Node(n.name, "conv2d" if n.kind == "conv" else "linear", list(n.inputs), quant,
+                nodes.append(Node(n.name, INT_OPS[n.kind], list(n.inputs), quant,
                                   attrs, arrays))
             elif n.kind == "add":
                 (_, ma, ta), (_, mb, tb), (_, mo, to) = self.add_multipliers(n)
@@ -507,7 +510,7 @@ class QGraph(nn.Module):
                     "input_multipliers": [m for m, _ in pairs], "input_shifts": [t for _, t in pairs]}))
             elif n.kind in ("maxpool", "avgpool"):
                 attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in n.attrs.items()}
-                nodes.append(Node(n.name, f"{n.kind}2d", list(n.inputs), quant, attrs))
+                nodes.append(Node(n.name, INT_OPS[n.kind], list(n.inputs), quant, attrs))
             elif n.kind == "reshape":
                 nodes.append(Node(n.name, "reshape", list(n.inputs), quant, {"shape": [-1]}))
             elif n.kind == "clamp":
@@ -549,11 +552,9 @@ def equalization_pairs(fg: FGraph) -> dict[str, str]:
 
 def check_profile_can_express(fg: FGraph, profile: HardwareProfile) -> None:
     """Report, before any training, what this profile cannot express for this network."""
-    kinds = {"conv": "conv2d", "linear": "linear", "add": "add", "cat": "concat", "maxpool": "maxpool2d",
-             "avgpool": "avgpool2d", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
     for n in fg.nodes[1:]:
-        if kinds[n.kind] not in profile.ops.supported:
-            raise QftsimError(f"node {n.name!r}: profile {profile.name} does not support {kinds[n.kind]}")
+        if INT_OPS[n.kind] not in profile.ops.supported:
+            raise QftsimError(f"node {n.name!r}: profile {profile.name} does not support {INT_OPS[n.kind]}")
         if n.kind == "cat" and not profile.ops.concat_rescale:
             raise QftsimError(f"node {n.name!r}: profile {profile.name} needs concat inputs to share one scale "
                               "(ops.concat_rescale: false), which the trainer does not support yet")
