@@ -214,6 +214,31 @@ def _loss_layers(items: list[str] | None) -> dict[str, float]:
     return layers
 
 
+def _input_size(text: str) -> tuple[int, ...]:
+    """An argparse type: a per-sample shape such as 3,224,224."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape such as 3,224,224, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
+    return dims
+
+
+def _check_input_size(data_shape: tuple[int, ...], wanted: tuple[int, ...] | None,
+                      exported: tuple[int | None, ...] | None) -> None:
+    """The calibration samples' shape becomes the .qft's only input shape: refuse one that is not --input-size,
+    and say so where it differs from the shape a torch.export program was exported at."""
+    if wanted is not None and data_shape != wanted:
+        raise QftsimError(f"the calibration samples have shape {data_shape}, not --input-size {wanted} "
+                          "(set --resize/--crop, or give the data at that size)")
+    differs = exported is not None and (len(exported) != len(data_shape) or
+                                        any(e not in (None, d) for e, d in zip(exported, data_shape)))
+    if wanted is None and differs:
+        print(f"warning: the program was exported at input {exported}, the calibration samples are {data_shape}; "
+              "the .qft takes the samples' shape (give --input-size to make this an error)", file=sys.stderr)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -247,7 +272,8 @@ def _quantize(args) -> int:
     import warnings
 
     from qftsim.intmodel import atomic_write_bytes
-    from qftsim.loaders import first_sample, load_calibration, load_exported_program, load_factory
+    from qftsim.loaders import (exported_input_shape, first_sample, load_calibration, load_exported_program,
+                                load_factory)
     from qftsim.qft import quantize
     from qftsim.report import write_report
     from qftsim.sim import simulate
@@ -267,9 +293,10 @@ def _quantize(args) -> int:
     image_options = (args.resize, args.crop, mean, std, args.channels, args.npz_key)
     loss_layers = _loss_layers(args.loss_layer)
     # fail in seconds: the model is captured and checked against the profile on one sample, before the data
-    check_profile_can_express(capture_checked(model, first_sample(args.data, *image_options)),
-                              load_profile(args.profile))
-    data = load_calibration(args.data, *image_options)
+    sample = first_sample(args.data, *image_options)
+    _check_input_size(tuple(sample.shape[1:]), args.input_size, exported_input_shape(model))
+    check_profile_can_express(capture_checked(model, sample), load_profile(args.profile))
+    data = load_calibration(args.data, *image_options, progress=not args.quiet)
     with _torchrun_group(args.device) as (rank, world, device):
         if rank == 0:
             print(f"calibration data: {tuple(data.shape)} from {args.data}")
@@ -278,6 +305,10 @@ def _quantize(args) -> int:
         int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
                                      dataset_size=args.dataset_size, batch_size=args.batch_size,
                                      learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
+                                     scale_lr_factor=args.scale_lr_factor, warmup=args.warmup,
+                                     weight_scale_lr_factor=args.weight_scale_lr_factor,
+                                     weight_scales_as_gains={"auto": None, "yes": True, "no": False}[
+                                         args.weight_scales_as_gains],
                                      loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
                                      reconstruction_steps=args.reconstruction_steps,
                                      reconstruction_lr=args.reconstruction_lr, init=args.init,
@@ -292,7 +323,8 @@ def _quantize(args) -> int:
     rows = [("method", args.method), ("calibration loss", f"{report['final_loss']:.5g}"),
             *([("QFT outcome", report["outcome"])] if "outcome" in report else []),
             ("accumulator overflows (calibration data)", sim.overflows)]
-    write_report(report_dir, int_model.profile, {args.method: report}, sim.report, rows)
+    write_report(report_dir, int_model.profile, {args.method: report}, sim.report, rows,
+                 data=f"the first {min(len(data), 256)} calibration samples")
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
     print(f"wrote {args.output} (profile {int_model.profile.name}, {len(int_model.nodes)} nodes); "
           f"calibration loss {report['final_loss']:.5g}; report: {report_dir}/summary.md")
@@ -335,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser("simulate", help="run a .qft model bit-exactly on an input batch")
     simulate.add_argument("model", help="a .qft IntModel file")
-    simulate.add_argument("--input", required=True, help=".npy batch: integers as quantized, floats are quantized")
+    simulate.add_argument("--input", required=True, metavar="X.npy", help=".npy batch: integers as quantized, floats are quantized")
     simulate.add_argument("--dump", metavar="DIR", help="write golden vectors of every layer to DIR")
     simulate.add_argument("--accumulators", action="store_true", help="with --dump, also dump accumulators")
     simulate.add_argument("--force", action="store_true",
@@ -346,45 +378,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole path on the bundled MNIST subset: train/load, rtn and QFT, "
                                         "simulate, compile, verify, report")
-    demo.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
-    demo.add_argument("--out", default="qftsim-demo", help="artifact folder")
-    demo.add_argument("--epochs", type=_count, default=4, help="QFT epochs")
+    demo.add_argument("--profile", default="int8-default", metavar="NAME|FILE", help="a shipped profile name or a .yaml file")
+    demo.add_argument("--out", default="qftsim-demo", metavar="DIR", help="artifact folder")
+    demo.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT epochs")
     demo.add_argument("--target", default="host", choices=["host", "x86-64"],
                       help="compile for this CPU (host) or portable x86-64")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
     quant = sub.add_parser("quantize", help="quantize your own model for a profile and write a .qft file")
-    quant.add_argument("--model", help="a torch.export program (.pt2)")
-    quant.add_argument("--factory", help="package.module:function returning an nn.Module")
-    quant.add_argument("--weights", help="state dict for the factory's model (torch.load weights_only=True)")
-    quant.add_argument("--data", required=True, help=".npy, .npz or a folder of images")
-    quant.add_argument("--npz-key", help="which array of an .npz")
-    quant.add_argument("--resize", type=_count, help="images: shorter side to this many pixels")
-    quant.add_argument("--crop", type=_count, help="images: center crop to this square size, in pixels")
+    quant.add_argument("--model", metavar="FILE.pt2", help="a torch.export program (.pt2)")
+    quant.add_argument("--factory", metavar="PKG.MOD:FN", help="package.module:function returning an nn.Module")
+    quant.add_argument("--weights", metavar="FILE", help="state dict for the factory's model (torch.load weights_only=True)")
+    quant.add_argument("--data", required=True, metavar="PATH", help=".npy, .npz or a folder of images")
+    quant.add_argument("--npz-key", metavar="KEY", help="which array of an .npz")
+    quant.add_argument("--resize", type=_count, metavar="PIXELS", help="images: shorter side to this many pixels")
+    quant.add_argument("--crop", type=_count, metavar="PIXELS", help="images: center crop to this square size, in pixels")
     quant.add_argument("--channels", type=int, default=3, choices=[1, 3], help="images: 1 (grey) or 3 (RGB)")
-    quant.add_argument("--mean", default="0", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
-    quant.add_argument("--std", default="1", help="images: per-channel std to divide by")
-    quant.add_argument("--profile", default="int8-default", help="a shipped profile name or a .yaml file")
-    quant.add_argument("--method", default="qft", help="qft, or rtn/mse/cle/bias_correction joined by +")
-    quant.add_argument("--init", default="best",
+    quant.add_argument("--mean", default="0", metavar="M[,M,M]", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
+    quant.add_argument("--std", default="1", metavar="S[,S,S]", help="images: per-channel std to divide by")
+    quant.add_argument("--input-size", type=_input_size, metavar="C,H,W",
+                       help="the sample shape the model expects; calibration data of another shape is refused "
+                            "(the .qft takes exactly the data's shape)")
+    quant.add_argument("--profile", default="int8-default", metavar="NAME|FILE", help="a shipped profile name or a .yaml file")
+    quant.add_argument("--method", default="qft", metavar="METHOD", help="qft, or rtn/mse/cle/bias_correction joined by +")
+    quant.add_argument("--init", default="best", metavar="METHOD",
                        help="QFT's start: best (try every closed-form method), or one, e.g. rtn+bias_correction")
-    quant.add_argument("--epochs", type=_count, default=4, help="QFT passes over the calibration samples")
-    quant.add_argument("--dataset-size", type=_count, default=1024, help="calibration samples QFT uses")
-    quant.add_argument("--batch-size", type=_count, default=32, help="samples per QFT step")
-    quant.add_argument("--lr", type=float, default=1e-3,
-                       help="Adam learning rate (absolute, or in quantization steps with --lr-unit step)")
-    quant.add_argument("--lr-unit", default="absolute", choices=["absolute", "step"],
-                       help="step: weights and biases move in quantization steps (layers of very different sizes)")
+    quant.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT passes over the calibration samples")
+    quant.add_argument("--dataset-size", type=_count, default=1024, metavar="N", help="calibration samples QFT uses")
+    quant.add_argument("--batch-size", type=_count, default=32, metavar="N", help="samples per QFT step")
+    quant.add_argument("--lr", type=float, default=1e-2, metavar="RATE",
+                       help="Adam's peak learning rate: in quantization steps (--lr-unit step), or absolute")
+    quant.add_argument("--lr-unit", default="step", choices=["step", "absolute"],
+                       help="step: a layer's weights and bias move in its own quantization steps (one rate suits "
+                            "layers of very different sizes); absolute: by the rate itself")
+    quant.add_argument("--warmup", type=float, default=0.1, metavar="SHARE",
+                       help="the share of QFT's steps over which the rate rises linearly from 0")
+    quant.add_argument("--scale-lr-factor", type=float, default=1.0, metavar="FACTOR",
+                       help="the log-scales' and equalization factors' rate, as a multiple of --lr")
+    quant.add_argument("--weight-scale-lr-factor", type=float, metavar="FACTOR",
+                       help="the weight scales' own multiple of --lr (default: --scale-lr-factor)")
+    quant.add_argument("--weight-scales-as-gains", default="auto", choices=["auto", "yes", "no"],
+                       help="a weight scale trains as its channel's gain, carrying its integer weights (yes), or "
+                            "re-rounds them at each step (no); auto: yes at 8-bit weights and wider")
     quant.add_argument("--loss", default="l2rel", choices=["l2rel", "l2", "kl", "ce"],
                        help="distillation loss between the quantized and float outputs")
     quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
-    quant.add_argument("--reconstruction-steps", type=int, default=0,
+    quant.add_argument("--reconstruction-steps", type=int, default=0, metavar="N",
                        help="block-wise reconstruction steps per block before finetuning (0: none)")
-    quant.add_argument("--reconstruction-lr", type=float, default=5e-2, help="its rate, in quantization steps")
+    quant.add_argument("--reconstruction-lr", type=float, default=5e-2, metavar="RATE", help="its rate, in quantization steps")
     quant.add_argument("--freeze", action="append", metavar="GROUP",
                        help="weights, biases, weight_scales, act_scales or equalization")
-    quant.add_argument("--seed", type=int, default=0, help="seed of QFT's sample order")
+    quant.add_argument("--seed", type=int, default=0, metavar="N", help="seed of QFT's sample order")
     quant.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where QFT trains")
     quant.add_argument("--quiet", action="store_true", help="no progress bars")
     quant.add_argument("-o", "--output", required=True, metavar="OUT.qft", help="the IntModel to write")
@@ -401,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")
     imp.add_argument("model", help="a .tflite file (int8 weights and activations, as ai-edge-quantizer writes)")
-    imp.add_argument("--profile", default="litert-xnnpack",
+    imp.add_argument("--profile", default="litert-xnnpack", metavar="NAME|FILE",
                      help="whose arithmetic to simulate: litert-xnnpack (LiteRT's default CPU interpreter; the "
                           "default), litert-optimized, litert-reference, or a .yaml of your own target")
     imp.add_argument("-o", "--output", required=True, metavar="OUT.qft", help="the IntModel to write")
@@ -411,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "exit 1 on any difference")
     verify.add_argument("model", help="a .qft IntModel file")
     verify.add_argument("library", help="its compiled library (OUT.so, with OUT.so.json)")
-    verify.add_argument("--samples", type=_count, default=16, help="random input samples to compare")
-    verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    verify.add_argument("--samples", type=_count, default=16, metavar="N", help="random input samples to compare")
+    verify.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs")
     verify.set_defaults(func=_verify)
     return parser
 

@@ -37,7 +37,7 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
         seconds[name] = round(time.perf_counter() - seconds[name], 2)
 
     stage("float_model")
-    net = reference_network(NETWORK)
+    net = reference_network(NETWORK, progress=progress)
     x_train, _, x_test, y_test = load_mnist()
     calibration, labels = x_train[:1024], y_test.numpy()
     with torch.no_grad():
@@ -45,7 +45,7 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
     done("float_model")
 
     stage("rtn")
-    rtn_graph, rtn_report = quantize_graph(net, calibration, profile, method="rtn")
+    rtn_graph, rtn_report = quantize_graph(net, calibration, profile, method="rtn", progress=progress)
     rtn_acc = _accuracy(_graph_outputs(rtn_graph, x_test), labels)
     done("rtn")
 
@@ -83,6 +83,7 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
         "qft_accuracy": qft_acc, "simulator_accuracy": sim_acc, "compiled_accuracy": compiled_acc,
         "compiled_equals_simulator": parity, "accumulator_overflows": sim.overflows,
         "min_accumulator_headroom_bits": round(headroom, 2), "qft_initialisation": qft_report.get("chosen_init"),
+        "qft_outcome": qft_report.get("outcome"),
         "test_images": int(len(labels)), "calibration_images": int(len(calibration)), "seconds": seconds,
     }
     stage("report")
@@ -108,6 +109,7 @@ def format_summary(s: dict) -> str:
         ("float accuracy", f"{s['float_accuracy']:.4f}"),
         ("rtn accuracy", f"{s['rtn_accuracy']:.4f}"),
         ("QFT accuracy (eval graph)", f"{s['qft_accuracy']:.4f}"),
+        ("QFT outcome", s["qft_outcome"]),
         ("simulator accuracy", f"{s['simulator_accuracy']:.4f}"),
         ("compiled (TVM) accuracy", f"{s['compiled_accuracy']:.4f}"),
         ("compiled == simulator", "yes, every output" if s["compiled_equals_simulator"] else "NO"),

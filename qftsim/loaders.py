@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def load_exported_program(path: str | Path) -> nn.Module:
     return module
 
 
+def exported_input_shape(module: nn.Module) -> tuple[int | None, ...] | None:
+    """The per-sample input shape a torch.export program was exported at (None for a dynamic dimension), or None
+    when `module` is not such a program or has not exactly one input."""
+    graph = getattr(module, "graph", None)
+    shapes = [n.meta["val"].shape for n in graph.nodes if n.op == "placeholder" and "val" in n.meta] if graph else []
+    if len(shapes) != 1:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in shapes[0][1:])
+
+
 def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
     """`package.module:function` called with no arguments; optional weights via torch.load(weights_only=True)."""
     if ":" not in spec:
@@ -61,17 +72,18 @@ def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
 
 
 def load_calibration(path: str | Path, size: int | None = None, crop: int | None = None,
-                     mean=(0.0,), std=(1.0,), channels: int = 3, key: str | None = None) -> torch.Tensor:
+                     mean=(0.0,), std=(1.0,), channels: int = 3, key: str | None = None,
+                     progress: bool = False) -> torch.Tensor:
     """A float batch from .npy, .npz (its only array, or `key`) or a folder of images.
 
     Images are resized (shorter side to `size`), center-cropped to `crop`,
-    scaled to [0, 1], normalized by per-channel `mean` and `std`, CHW.
+    scaled to [0, 1], normalized by per-channel `mean` and `std`, CHW; `progress` shows a bar over them.
     """
     path = Path(path)
     if not path.exists():
         raise QftsimError(f"{path}: no such calibration data")
     if path.is_dir():
-        return _load_images(path, size, crop, mean, std, channels)
+        return _load_images(path, size, crop, mean, std, channels, progress=progress)
     try:
         if path.suffix == ".npy":
             array = np.load(path, allow_pickle=False)
@@ -118,19 +130,27 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load_images(folder: Path, size, crop, mean, std, channels, files: list[Path] | None = None) -> torch.Tensor:
+def _load_images(folder: Path, size, crop, mean, std, channels, files: list[Path] | None = None,
+                 progress: bool = False) -> torch.Tensor:
     try:
         from PIL import Image
     except ImportError:
         raise QftsimError("reading an image folder needs Pillow: pip install pillow") from None
+    from tqdm import tqdm
+
     files = _image_files(folder) if files is None else files
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise QftsimError(f"--channels must be 1 or 3, got {channels}")
     batch = []
-    for file in files:
+    for file in tqdm(files, desc=f"reading {folder}", unit="image", disable=not progress, leave=False):
         try:
-            image = Image.open(file).convert(mode)
+            with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS and raises at twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(file).convert(mode)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise QftsimError(f"{file}: larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a "
+                              "decompression bomb, or a photo to shrink first)") from None
         except OSError as exc:
             raise QftsimError(f"{file}: not a readable image ({exc})") from None
         if size:

@@ -39,8 +39,11 @@ class QftConfig:
     epochs: int = 4
     dataset_size: int = 1024
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    scale_lr_factor: float = 10.0  # log-scales and equalization factors move faster than weights
+    # Rates in quantization steps with a warm-up (the defaults since the finetuning of the MNIST demo network,
+    # at absolute rates without warm-up, ended 5x worse than its start: Adam's first step moves every DoF by the
+    # full rate at once, and the loss jumped 230x on that step; benchmarks/RESULTS.md, "QFT's default rates")
+    learning_rate: float = 1e-2
+    scale_lr_factor: float = 1.0  # log-scales and equalization factors: learning_rate x this, absolute
     weight_scale_lr_factor: float | None = None  # the weight scales' own factor (None: scale_lr_factor)
     # True: a weight scale trains as its channel's gain, carrying its integer weights along
     # (QGraph.hold_integer_weights); False: each of its steps also re-rounds them. None: True where weights
@@ -49,7 +52,8 @@ class QftConfig:
     # "absolute": weights and biases move by about learning_rate per step (Adam). "step": in quantization
     # steps: a layer's weights by learning_rate x its mean weight step, its bias by learning_rate x its
     # output's scale, so one rate suits layers whose folded weights differ 100x in size (EfficientNet-Lite0)
-    lr_unit: str = "absolute"
+    lr_unit: str = "step"
+    warmup: float = 0.1  # the share of the steps over which the rate rises linearly from 0, before the cosine
     loss: str = "l2rel"
     # QFT's start: "best" tries every closed-form method (min-max or MSE ranges, with or without CLE, each with
     # and without bias correction) and keeps the one of lowest loss; a method name (e.g. "rtn+bias_correction")
@@ -80,6 +84,8 @@ class QftConfig:
         for key in ("epochs", "dataset_size", "batch_size", "reconstruction_steps"):
             if getattr(self, key) < (0 if key in ("epochs", "reconstruction_steps") else 1):
                 raise QftsimError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.warmup < 1:
+            raise QftsimError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         for key in ("learning_rate", "scale_lr_factor", "weight_scale_lr_factor", "reconstruction_lr"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -126,7 +132,7 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     if missing:
         raise QftsimError(f"loss layer {missing[0]!r} is not a node; nodes: {', '.join(names)}")
     if teacher_outputs is None:
-        teacher = _teacher(model, data, cfg.batch_size)
+        teacher = _teacher(model, data, cfg.batch_size, cfg.progress)
     else:
         teacher = torch.as_tensor(teacher_outputs).float()[: len(data)]
         if teacher.shape[0] != len(data):
@@ -137,20 +143,22 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     seconds["capture"] = time.perf_counter() - clock
     report = {"method": method, "profile": profile.name, "seconds": seconds, "loss_curve": []}
     clock = time.perf_counter()
+    # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without bias
+    # correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit weights:
+    # rtn+bias_correction and cle+bias_correction, far ahead of the MSE-range candidates)
+    bases = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else []) \
+        if method == "qft" and cfg.init == "best" else [cfg.init if method == "qft" else method]
+    corrected = method == "qft" and cfg.init == "best"  # each base also with bias correction
+    setup, stage = _stages(len(bases) * (2 + 2 * corrected), f"{method}: set-up", cfg.progress)
+    inits = {}
+    for base in bases:
+        inits[base] = stage(f"{base} ranges", initialize, fg, profile, data, base, cfg)
+        if corrected:  # the same ranges, then bias correction
+            inits[f"{base}+bias_correction"] = stage(f"{base}+bias_correction", _bias_corrected, inits[base],
+                                                     data[: cfg.calibration_batches])
+    losses = {c: stage(f"{c} loss", evaluate_loss, q, data, teacher, cfg) for c, q in inits.items()}
+    setup.close()
     if method == "qft":
-        inits = {}
-        # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without
-        # bias correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit
-        # weights: rtn+bias_correction and cle+bias_correction, far ahead of the MSE-range candidates)
-        if cfg.init == "best":
-            for base in ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else []):
-                inits[base] = initialize(fg, profile, data, base, cfg)
-                corrected = copy.deepcopy(inits[base])  # the same ranges, then bias correction
-                correct_biases(corrected, corrected.fg, data[: cfg.calibration_batches])
-                inits[f"{base}+bias_correction"] = corrected
-        else:
-            inits[cfg.init] = initialize(fg, profile, data, cfg.init, cfg)
-        losses = {c: evaluate_loss(q, data, teacher, cfg) for c, q in inits.items()}
         chosen = min(losses, key=losses.get)
         report.update(init_losses=losses, chosen_init=chosen)
         seconds["initialize"] = time.perf_counter() - clock
@@ -163,6 +171,7 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
         qg = copy.deepcopy(start)
         report["loss_curve"] = finetune(qg, data, teacher, cfg)
         finetuned_loss = report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
+        report.update(start_loss=start_loss, finetuned_loss=finetuned_loss)
         if finetuned_loss > start_loss:  # never hand back worse than where finetuning started
             qg, report["final_loss"], report["kept_start"] = start, start_loss, True
         report["outcome"] = (f"QFT started from {chosen} (calibration loss {start_loss:.5g}); finetuning reached "
@@ -172,12 +181,28 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
             print(report["outcome"])
         seconds["finetune"] = time.perf_counter() - clock
     else:
-        qg = initialize(fg, profile, data, method, cfg)
-        report["final_loss"] = evaluate_loss(qg, data, teacher, cfg)
+        qg, report["final_loss"] = inits[method], losses[method]
         seconds["initialize"] = time.perf_counter() - clock
     qg.eval()
-    report["layers"] = layer_report(qg, fg, data[:REPORT_SAMPLES])
+    bar, stage = _stages(1, "per-layer report", cfg.progress)
+    report["layers"] = stage("SQNR per layer", layer_report, qg, fg, data[:REPORT_SAMPLES])
+    bar.close()
     return qg, report
+
+
+def _stages(total: int, desc: str, enabled: bool):
+    """A progress bar over `total` named stages, and `stage(name, work, *args)`, which runs one under its name."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+    def stage(what: str, work, *args):
+        bar.set_postfix_str(what, refresh=True)
+        result = work(*args)
+        bar.update(1)
+        return result
+
+    return bar, stage
 
 
 # ---------------------------------------------------------------- data
@@ -205,20 +230,38 @@ def calibration_tensor(data) -> torch.Tensor:
 
 
 def capture_checked(model: nn.Module, data: torch.Tensor) -> FGraph:
+    """The model captured on (up to) two samples of `data`, after checking that it runs them at batch 1 and 2."""
     set_eval_mode(model)
-    try:
-        with torch.no_grad():
-            model(data[:1])
-    except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise QftsimError(f"the model rejects calibration data of shape {tuple(data.shape[1:])} "
-                          f"(batch first): {type(exc).__name__}: {first_line}") from None
-    return capture(model, data[:2])
+    pair = data[:2] if len(data) > 1 else data[:1].expand(2, *data.shape[1:])
+    for batch in (pair[:1], pair):
+        try:
+            with torch.no_grad():
+                model(batch)
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            if len(batch) == 1:
+                raise QftsimError(f"the model rejects calibration data of shape {tuple(data.shape[1:])} "
+                                  f"(batch first): {type(exc).__name__}: {first_line}") from None
+            raise QftsimError(f"the model runs one sample but not a batch of two ({type(exc).__name__}: "
+                              f"{first_line}): a batch size is baked into it (a torch.export program exported "
+                              "at batch 1 with a view/reshape); export it with a dynamic batch: "
+                              "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))"
+                              ", or reshape with x.flatten(1)") from None
+    return capture(model, pair)
 
 
 @torch.no_grad()
-def _teacher(model: nn.Module, data: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(data[i:i + batch]) for i in range(0, len(data), batch)]).float()
+def _teacher(model: nn.Module, data: torch.Tensor, batch: int, progress: bool = False) -> torch.Tensor:
+    from tqdm import tqdm
+
+    starts = tqdm(range(0, len(data), batch), desc="float model's outputs", disable=not progress, leave=False)
+    return torch.cat([model(data[i:i + batch]) for i in starts]).float()
+
+
+def _bias_corrected(qg: QGraph, data: torch.Tensor) -> QGraph:
+    corrected = copy.deepcopy(qg)
+    correct_biases(corrected, corrected.fg, data)
+    return corrected
 
 
 # ---------------------------------------------------------------- initialisation
@@ -409,19 +452,22 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
     optimizer = torch.optim.Adam(param_groups)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    schedule = _cosine(optimizer, total)
+    schedule = _cosine(optimizer, total, cfg.warmup)
     generator = torch.Generator().manual_seed(cfg.seed)
     curve = []
     qg.train()
     from tqdm import tqdm
 
+    # the bar shows this epoch's mean of the output loss: the function of the printed calibration losses
     bar = tqdm(total=total, desc="QFT", disable=not cfg.progress, leave=False)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(data), generator=generator)
+        output_losses = []
         for i in range(0, len(data), cfg.batch_size):
             idx = order[i:i + cfg.batch_size].to(device)
             out, inner = qg(data[idx], keep=tuple(cfg.loss_layers))
             loss = loss_fn(cfg.loss, out, teacher[idx])
+            output_losses.append(float(loss.detach()))
             for layer, target in layer_targets(qg.fg, data[idx], cfg.loss_layers).items():
                 loss = loss + cfg.loss_layers[layer] * loss_fn("l2rel", inner[layer], target)
             if not torch.isfinite(loss):
@@ -440,7 +486,7 @@ def finetune(qg: QGraph, data: torch.Tensor, teacher: torch.Tensor, cfg: QftConf
             _step(qg, optimizer, schedule)
             curve.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{curve[-1]:.4g}")
+            bar.set_postfix_str(f"{cfg.loss} loss {sum(output_losses) / len(output_losses):.4g} (epoch mean)")
     bar.close()
     qg.eval()
     qg.to("cpu")
@@ -533,9 +579,13 @@ def _step(qg: QGraph, optimizer: torch.optim.Optimizer, schedule) -> None:
         qg.hold_integer_weights(steps)
 
 
-def _cosine(optimizer: torch.optim.Optimizer, total: int):
-    """The learning rate decayed from its initial value to 0 over `total` steps along half a cosine."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+def _cosine(optimizer: torch.optim.Optimizer, total: int, warmup: float = 0.0):
+    """The learning rate decayed from its initial value to 0 over `total` steps along half a cosine, its first
+    `warmup` share of steps scaled by a linear rise from 0 (Adam's early steps are sign-like: each DoF moves by
+    the full rate whatever its gradient's size)."""
+    rise = max(1, round(warmup * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / rise) * 0.5 * (1 + math.cos(math.pi * s / total)))
 
 
 def _run_segment(segment: list[FNode], env: dict[str, torch.Tensor], op, dtype, chunk: int = 64) -> torch.Tensor:

@@ -21,8 +21,10 @@ def _pyplot():
 
 
 def write_report(folder: str | Path, profile: HardwareProfile, reports: dict[str, dict],
-                 accumulators: list[LayerReport], summary_rows: list[tuple[str, str]]) -> Path:
-    """Write plots and summary.md into `folder`; `reports` maps a method name to quantize()'s report."""
+                 accumulators: list[LayerReport], summary_rows: list[tuple[str, str]],
+                 data: str = "held-out data") -> Path:
+    """Write plots and summary.md into `folder`; `reports` maps a method name to quantize()'s report;
+    `data` says which inputs the accumulator table was measured on."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
@@ -57,12 +59,20 @@ def write_report(folder: str | Path, profile: HardwareProfile, reports: dict[str
     curves = {m: r["loss_curve"] for m, r in reports.items() if r.get("loss_curve")}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
+        discarded = []
         for method, curve in curves.items():
-            ax.plot(curve, label=method)
+            rep = reports[method]
+            (line,) = ax.plot(curve, label=f"{method}: each step's batch")
+            if "start_loss" in rep:  # the exact graph's loss before and after, the figures QFT chose between
+                ax.axhline(rep["start_loss"], color=line.get_color(), linestyle="--", label=f"{method}: start")
+                ax.axhline(rep["finetuned_loss"], color=line.get_color(), linestyle=":",
+                           label=f"{method}: finetuned" + (" (discarded: worse)" if rep.get("kept_start") else ""))
+                discarded += [method] if rep.get("kept_start") else []
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("distillation loss")
-        ax.set_title("QFT loss")
+        ax.set_title("QFT loss" + (f"; finetuning discarded for {', '.join(discarded)}, its start returned"
+                                   if discarded else ""))
         ax.legend()
         images.append(_save(fig, folder / "qft_loss.png", plt))
 
@@ -80,7 +90,7 @@ def write_report(folder: str | Path, profile: HardwareProfile, reports: dict[str
 
     lines = [f"# qftsim report: profile {profile.name}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows]
-    lines += ["", "## Accumulators and clamping (simulator, held-out data)", "", "```", format_report(accumulators),
+    lines += ["", f"## Accumulators and clamping (simulator, {data})", "", "```", format_report(accumulators),
               "```", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")

@@ -1,8 +1,10 @@
 """The user's path: qftsim quantize on .pt2 / factory models with .npy / image-folder data, and qftsim demo."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,20 +78,98 @@ def test_quantize_errors_are_one_line(inputs):
     assert not (inputs / "x.qft").exists()
 
 
-def test_demo_writes_everything(tmp_path):
-    res = _cli("demo", "--profile", "cmsis-nn", "--epochs", "1", "--quiet", "--out", str(tmp_path / "demo"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+def test_quantize_shows_progress_of_every_stage(inputs):
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "images"),
+               "--channels", "1", "--epochs", "1", "--dataset-size", "32", "-o", str(inputs / "progress.qft"))
+    assert res.returncode == 0, res.stderr
+    for stage in ("reading", "float model's outputs", "qft: set-up", "rtn ranges", "QFT", "per-layer report"):
+        assert stage in res.stderr, stage
+    assert "QFT started from " in res.stdout
+
+
+def test_a_batch_baked_into_a_pt2_is_one_line(inputs):
+    """torch.export at batch 1 with view(1, -1): runs one sample, not two; the error says how to export it."""
+    class Baked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(2 * 26 * 26, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(1, -1))
+
+    torch.export.save(torch.export.export(Baked().eval(), (torch.zeros(1, 1, 28, 28),)), str(inputs / "baked.pt2"))
+    res = _cli("quantize", "--model", str(inputs / "baked.pt2"), "--data", str(inputs / "calib.npy"), "--quiet",
+               "-o", str(inputs / "baked.qft"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "runs one sample but not a batch of two" in res.stderr and "dynamic_shapes" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_input_size_is_checked(inputs):
+    np.save(inputs / "calib32.npy", np.zeros((4, 1, 32, 32), np.float32))
+    res = _cli("quantize", "--model", str(inputs / "resnet.pt2"), "--data", str(inputs / "calib32.npy"),
+               "--method", "rtn", "--quiet", "-o", str(inputs / "size.qft"))
+    assert res.returncode == 0 and "exported at input (1, 28, 28), the calibration samples are (1, 32, 32)" \
+        in res.stderr, res.stderr
+    res = _cli("quantize", "--model", str(inputs / "resnet.pt2"), "--data", str(inputs / "calib32.npy"),
+               "--input-size", "1,28,28", "--quiet", "-o", str(inputs / "size2.qft"))
+    assert res.returncode == 2 and "not --input-size (1, 28, 28)" in res.stderr
+    assert not (inputs / "size2.qft").exists()
+
+
+def test_a_decompression_bomb_image_is_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from qftsim.errors import QftsimError
+    from qftsim.loaders import load_calibration
+
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")
+    for limit in (1000, 500):  # past the limit PIL warns, past twice the limit it raises: both refused
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(QftsimError, match="larger than Pillow's limit"):
+            load_calibration(tmp_path, channels=1)
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```sh block under `heading` in the README."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index(heading):]
+    block = section[section.index("```sh\n") + 6:]
+    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
+
+
+def test_walkthrough_runs_as_written(tmp_path):
+    """Every line of the README's walkthrough, run as a user would in an empty folder, with `qftsim` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    lines = _readme_block("## Five-minute walkthrough")
+    assert any(line.startswith("qftsim demo") for line in lines) and len(lines) >= 5
+    for line in lines:
+        res = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{line}\n{res.stdout}{res.stderr}"
+        if line.startswith("qftsim demo"):
+            assert "simulator accuracy" in res.stdout
+        if line.startswith("qftsim verify"):
+            assert "equal (640 values, 64 samples)" in res.stdout
+    demo = tmp_path / "demo"
+    summary = json.loads((demo / "summary.json").read_text())
     assert summary["simulator_accuracy"] == summary["compiled_accuracy"] == summary["qft_accuracy"]
     assert summary["compiled_equals_simulator"] and 0.9 < summary["qft_accuracy"] <= 1
     for key in ("profile", "network", "float_accuracy", "rtn_accuracy", "accumulator_overflows", "seconds"):
         assert key in summary
     for name in ("model.qft", "model.so", "model.so.json", "inputs.npy", "report/summary.md",
-                 "report/accumulator_headroom.png", "report/qft_loss.png", "report/scales.png"):
-        assert (tmp_path / "demo" / name).is_file(), name
-    assert "simulator accuracy" in res.stdout
-    sim = _cli("simulate", str(tmp_path / "demo" / "model.qft"), "--input", str(tmp_path / "demo" / "inputs.npy"))
-    assert sim.returncode == 0 and "already-quantized" in sim.stdout
+                 "report/accumulator_headroom.png", "report/qft_loss.png", "report/scales.png",
+                 "golden/manifest.json", "generic.so", "generic.so.json"):
+        assert (demo / name).is_file(), name
+
+
+def test_readme_command_reference_is_the_parsers():
+    """The README's command reference is what qftsim.clidoc generates from the parser (regenerate it with
+    `python -m qftsim.clidoc README.md`)."""
+    from qftsim.cli import build_parser
+    from qftsim.clidoc import command_reference, with_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert with_reference(readme, command_reference(build_parser())) == readme
 
 
 def test_pt2_with_default_argument_forms_is_captured(tmp_path):
