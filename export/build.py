@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, TensorQuant, atomic_write_bytes
+from qftsim.intmodel import IntModel, TensorQuant, atomic_write_bytes, check_writable
 
 SIDECAR_FORMAT = "qftsim.tvm"
 SIDECAR_VERSION = 1
@@ -82,7 +82,7 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
             raise QftsimError(f"cross toolchain {AARCH64_GCC} not found: install Debian's gcc-aarch64-linux-gnu "
                               "(apt-get install gcc-aarch64-linux-gnu)")
         fcompile = tvm.support.cc.cross_compiler(AARCH64_GCC)
-    _check_writable(path)  # before the compile, which takes minutes
+    check_writable(path, "the library")  # before the compile, which takes minutes
     executable = _build(model, target)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         lib = Path(tmp) / path.name
@@ -95,18 +95,6 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
     atomic_write_bytes(path, data, mode=0o777)  # as a linker leaves a shared library
     atomic_write_bytes(_sidecar_path(path), json.dumps(sidecar, indent=1).encode())
     return sidecar
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse, in one line and before any work, an output the library could not be written to."""
-    if path.is_dir():
-        raise QftsimError(f"{path}: is a folder; give a file name for the library")
-    try:
-        probe = path.with_name(f".{path.name}.probe")
-        atomic_write_bytes(probe, b"")
-        probe.unlink()
-    except QftsimError as exc:
-        raise QftsimError(f"{path}: cannot write the library there ({str(exc).split(': ', 1)[-1]})") from None
 
 
 def _sidecar_path(path: Path) -> Path:
@@ -178,7 +166,27 @@ def load(path: str | Path) -> "CompiledModel":
                           "re-export both together")
     if sidecar["target"] == "aarch64":
         raise QftsimError(f"{path}: built for aarch64; it runs on the target, not on this machine")
+    _check_elf_whole(path)
     return CompiledModel(_vm(tvm.runtime.load_module(str(path))), sidecar)
+
+
+def _check_elf_whole(path: Path) -> None:
+    """Refuse a shared library whose segments or section table reach past its end: the dynamic loader maps
+    them and the process dies of SIGBUS when it touches a missing page (a truncated file whose sidecar was
+    edited to match)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            elf = ELFFile(f)
+            ends = [seg["p_offset"] + seg["p_filesz"] for seg in elf.iter_segments()]
+            ends.append(elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"])
+    except (ELFError, ValueError, OSError) as exc:
+        raise QftsimError(f"{path}: not a readable shared library ({exc})") from None
+    if max(ends) > size:
+        raise QftsimError(f"{path}: truncated ({size} bytes; its ELF headers need {max(ends)}): re-export it")
 
 
 def _quant(d: dict) -> TensorQuant:

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from qftsim.errors import QftsimError
-from qftsim.profile import list_profiles, load_profile
+from qftsim.profile import list_profiles, load_profile, trainer_refusals
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR = 0, 1, 2
 
@@ -44,7 +44,13 @@ def _profiles_validate(args) -> int:
     for path in args.files:
         try:
             p = load_profile(path)
-            print(f"ok       {path} ({p.name})")
+            refusals = trainer_refusals(p)
+            if refusals:  # the simulator runs it; quantize would refuse it later
+                print(f"invalid  {path}: quantize refuses it ({'; '.join(refusals)}); simulate and import "
+                      "accept it", file=sys.stderr)
+                status = EXIT_CHECK_FAILED
+            else:
+                print(f"ok       {path} ({p.name})")
         except QftsimError as exc:
             print(f"invalid  {exc}", file=sys.stderr)
             status = EXIT_CHECK_FAILED
@@ -271,7 +277,7 @@ def _quantize(args) -> int:
     import json
     import warnings
 
-    from qftsim.intmodel import atomic_write_bytes
+    from qftsim.intmodel import atomic_write_bytes, check_writable
     from qftsim.loaders import (exported_input_shape, first_sample, load_calibration, load_exported_program,
                                 load_factory)
     from qftsim.qft import quantize
@@ -283,6 +289,7 @@ def _quantize(args) -> int:
     from qftsim.qft import capture_checked
     from qftsim.qgraph import check_profile_can_express
 
+    check_writable(Path(args.output), "the model")  # before the training, which can take long
     model = load_exported_program(args.model) if args.model else load_factory(args.factory, args.weights)
     mean, std = _floats(args.mean), _floats(args.std)
     for flag, values in (("--mean", mean), ("--std", std)):

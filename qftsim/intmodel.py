@@ -195,6 +195,20 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
         raise
 
 
+def check_writable(path: Path, what: str = "the file") -> None:
+    """Refuse, in one line and before any long work (a compile, a training), an output that could not be
+    written: a folder, a path under a file, a read-only folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise QftsimError(f"{path}: is a folder; give a file name for {what}")
+    try:
+        probe = path.with_name(f".{path.name}.probe")
+        atomic_write_bytes(probe, b"")
+        probe.unlink()
+    except QftsimError as exc:
+        raise QftsimError(f"{path}: cannot write {what} there ({str(exc).split(': ', 1)[-1]})") from None
+
+
 def load(path: str | Path) -> IntModel:
     """Read and validate a `.qft` file; any defect raises QftsimError naming what is wrong."""
     path = Path(path)

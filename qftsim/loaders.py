@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -62,8 +63,10 @@ def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
     if weights is not None:
         try:
             state = torch.load(str(weights), weights_only=True, map_location="cpu")
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise QftsimError(f"{weights}: not loadable with torch.load(weights_only=True): {exc}") from None
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise QftsimError(f"{weights}: not loadable with torch.load(weights_only=True) (a state dict of "
+                              f"tensors; pickled objects are refused): {first_line}") from None
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError) as exc:

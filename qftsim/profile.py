@@ -449,6 +449,26 @@ def _check_consistency(source: str, sec: dict) -> None:
     bad = [op for op in ops["supported"] if op not in OP_KINDS]
     if bad:
         raise _fail(source, "ops.supported", f"unknown op {bad[0]!r}; accepted: {', '.join(OP_KINDS)}")
+    # an add's centred inputs are left-shifted in int32 (the IntModel check refuses any model past it)
+    centred = 2 ** (a["bits"] - 1) if a["symmetric"] else 2 ** a["bits"] - 1
+    if "add" in ops["supported"] and centred << ops["add_left_shift"] > 2**31 - 1:
+        most = max(s for s in range(31) if centred << s <= 2**31 - 1)
+        needs = (centred << ops["add_left_shift"]).bit_length() + 1
+        raise _fail(source, "ops.add_left_shift", f"{ops['add_left_shift']} overflows int32: the add's centred "
+                    f"{a['bits']}-bit inputs (up to {centred}) shifted left need {needs} bits; at most {most} "
+                    "with these activations")
+
+
+def trainer_refusals(p: HardwareProfile) -> list[str]:
+    """What quantize (the trainer) cannot train for this profile, though the simulator runs it (models from
+    `qftsim import`, or written by other tools): one message per problem, none when it can."""
+    found = []
+    if not p.weights.symmetric:
+        found.append("asymmetric weights (weights.symmetric: false) are not supported by the trainer")
+    if p.accumulator.saturate_at == "every_mac" and p.accumulator.guarantee != "a2q":
+        found.append("saturation at every MAC is trained only with accumulator.guarantee: a2q (which makes it "
+                     "unreachable)")
+    return found
 
 
 def _bundled_dir():

@@ -29,7 +29,7 @@ from qftsim import arith
 from qftsim.capture import LUT_FUNCTIONS, FGraph, FNode
 from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
-from qftsim.profile import HardwareProfile, OpArithmetic, int_range
+from qftsim.profile import HardwareProfile, OpArithmetic, int_range, trainer_refusals
 
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
 # the IntModel op each captured node kind becomes
@@ -558,12 +558,8 @@ def check_profile_can_express(fg: FGraph, profile: HardwareProfile) -> None:
         if n.kind == "cat" and not profile.ops.concat_rescale:
             raise QftsimError(f"node {n.name!r}: profile {profile.name} needs concat inputs to share one scale "
                               "(ops.concat_rescale: false), which the trainer does not support yet")
-    if not profile.weights.symmetric:
-        raise QftsimError(f"profile {profile.name}: asymmetric weights (weights.symmetric: false) are not "
-                          "supported by the trainer")
-    acc = profile.accumulator
-    if acc.saturate_at == "every_mac" and acc.guarantee != "a2q":
-        raise QftsimError(f"profile {profile.name}: saturation at every MAC is trained only with "
-                          "accumulator.guarantee: a2q (which makes it unreachable)")
+    refusals = trainer_refusals(profile)
+    if refusals:
+        raise QftsimError(f"profile {profile.name}: {refusals[0]}")
     if fg.nodes[0].kind != "input" or len(fg.nodes[0].shape) not in (1, 3):
         raise QftsimError("the model must take one input of shape (batch, C, H, W) or (batch, features)")

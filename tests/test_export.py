@@ -1,5 +1,6 @@
 """TVM export: the compiled model's integers equal the simulator's, exactly."""
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -167,3 +168,18 @@ def test_verify_refuses_a_bad_sidecar_in_one_line(exported, tmp_path, sidecar):
     (tmp_path / "m.so.json").write_bytes(sidecar)
     with pytest.raises(QftsimError, match="sidecar"):
         export.load(copy)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
+def test_a_truncated_library_with_a_matching_sidecar_is_refused(exported, tmp_path, keep):
+    """A library cut short, its sidecar's SHA-256 edited to match: refused before the loader maps it (mapping
+    it would kill the process with SIGBUS), in a child process so that a regression cannot kill the tests."""
+    model, folder = exported
+    data = (folder / "m.so").read_bytes()
+    (tmp_path / "m.so").write_bytes(data[: int(len(data) * keep)])
+    sidecar = json.loads((folder / "m.so.json").read_text())
+    sidecar["library_sha256"] = hashlib.sha256((tmp_path / "m.so").read_bytes()).hexdigest()
+    (tmp_path / "m.so.json").write_text(json.dumps(sidecar))
+    res = _cli("verify", str(folder / "m.qft"), str(tmp_path / "m.so"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+    assert "truncated" in res.stderr or "not a readable shared library" in res.stderr

@@ -190,3 +190,37 @@ def test_a_damaged_profile_is_refused_in_one_line_or_loads(name, edits):
         HardwareProfile.from_dict(data)
     except QftsimError as exc:
         assert "\n" not in str(exc)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(bits=st.integers(2, 16), symmetric=st.booleans(), shift=st.integers(0, 30))
+def test_an_add_shift_that_overflows_int32_is_refused_by_the_profile(bits, symmetric, shift):
+    """The profile refuses what the IntModel check would refuse for every add: a centred input shifted out of
+    int32; one that loads gives adds whose shifted inputs fit."""
+    d = _base()
+    d["activations"].update(bits=bits, symmetric=symmetric)
+    d["ops"]["add_left_shift"] = shift
+    centred = 2 ** (bits - 1) if symmetric else 2**bits - 1
+    if centred << shift < 2**31:
+        assert HardwareProfile.from_dict(d).ops.add_left_shift == shift
+    else:
+        with pytest.raises(QftsimError, match="ops.add_left_shift: .* overflows int32"):
+            HardwareProfile.from_dict(d)
+
+
+def test_validate_refuses_what_quantize_refuses(tmp_path, capsys):
+    """Saturation at every MAC without A2Q and asymmetric weights simulate, but the trainer refuses them:
+    validate says so, with the trainer's message, and exits 1; the profile still loads."""
+    from qftsim.profile import trainer_refusals
+
+    every_mac = _edit("accumulator.overflow", "saturate")
+    every_mac["accumulator"]["saturate_at"] = "every_mac"
+    asymmetric = _edit("weights.symmetric", False)
+    asymmetric["weights"]["narrow"] = False
+    for name, data, message in (("every_mac", every_mac, "saturation at every MAC is trained only with"),
+                                ("asymmetric", asymmetric, "asymmetric weights")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main(["profiles", "validate", str(path)]) == 1
+        assert "quantize refuses it" in (err := capsys.readouterr().err) and message in err
+        assert trainer_refusals(load_profile(path))[0].startswith(message)

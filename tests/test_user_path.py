@@ -117,6 +117,20 @@ def test_input_size_is_checked(inputs):
     assert not (inputs / "size2.qft").exists()
 
 
+def test_pickled_weights_and_an_unwritable_output_are_one_line(inputs):
+    import argparse
+
+    torch.save({"state": argparse.Namespace(code="anything")}, inputs / "pickled.pt")
+    res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--weights", str(inputs / "pickled.pt"),
+               "--data", str(inputs / "calib.npy"), "-o", str(inputs / "p.qft"))
+    assert res.returncode == 2 and "pickled objects are refused" in res.stderr and "Traceback" not in res.stderr
+    for output in (inputs, inputs / "calib.npy" / "x.qft"):  # a folder; a path under a file
+        res = _cli("quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "calib.npy"),
+                   "-o", str(output))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "is a folder" in res.stderr or "cannot write the model there" in res.stderr
+
+
 def test_a_decompression_bomb_image_is_refused(tmp_path, monkeypatch):
     from PIL import Image
 
