@@ -153,32 +153,42 @@ def _verify(args) -> int:
 
     import export
     from qftsim import intmodel
-    from qftsim.sim import simulate
+    from qftsim.sim import chunk_samples, simulate
 
     model = intmodel.load(args.model)
     compiled = export.load(args.library)
     spec = model.inputs[0]
     rng = np.random.default_rng(args.seed)
-    x = rng.integers(spec.quant.qmin, spec.quant.qmax + 1, size=(args.samples, *spec.shape)).astype(spec.quant.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = simulate(model, x).outputs
-    got = compiled.run(x)
+    chunk = chunk_samples(model)  # memory stays flat whatever --samples
+    differ = {name: 0 for name in model.outputs}
+    first: dict[str, tuple] = {}
+    for start in range(0, args.samples, chunk):
+        x = rng.integers(spec.quant.qmin, spec.quant.qmax + 1, size=(min(chunk, args.samples - start), *spec.shape))
+        x = x.astype(spec.quant.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = simulate(model, x).outputs
+        got = compiled.run(x)
+        for name, want in expected.items():
+            have = got.get(name)
+            if have is None or have.shape != want.shape:
+                print(f"output {name}: MISSING or shape {None if have is None else have.shape} != {want.shape}")
+                return EXIT_CHECK_FAILED
+            diff = np.argwhere(have != want)
+            differ[name] += len(diff)
+            if len(diff) and name not in first:
+                index = tuple(int(i) for i in diff[0])
+                first[name] = ((start + index[0], *index[1:]), have[index], want[index])
     status = EXIT_OK
-    for name, want in expected.items():
-        have = got.get(name)
-        if have is None or have.shape != want.shape:
-            print(f"output {name}: MISSING or shape {None if have is None else have.shape} != {want.shape}")
-            status = EXIT_CHECK_FAILED
-            continue
-        diff = np.argwhere(have != want)
-        if len(diff):
-            index = tuple(int(i) for i in diff[0])
-            print(f"output {name}: DIFFERS in {len(diff)} of {want.size} values; first at index {index}: "
-                  f"compiled {have[index]}, simulator {want[index]}")
+    for name, count in differ.items():
+        values = args.samples * int(np.prod(model.shapes[name]))
+        if count:
+            index, have, want = first[name]
+            print(f"output {name}: DIFFERS in {count} of {values} values; first at index {index}: "
+                  f"compiled {have}, simulator {want}")
             status = EXIT_CHECK_FAILED
         else:
-            print(f"output {name}: equal ({want.size} values, {args.samples} samples)")
+            print(f"output {name}: equal ({values} values, {args.samples} samples)")
     if compiled.model_hash != model.hash:
         print(f"the library was built from model {compiled.model_hash}, not {args.model} ({model.hash})")
         status = EXIT_CHECK_FAILED

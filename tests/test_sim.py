@@ -32,6 +32,30 @@ def test_simulator_equals_naive_reference(data):
         assert got.tolist() == expected[name], name
 
 
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_chunks_give_the_whole_batchs_result(data):
+    """simulate in chunks of 1 or 2 samples (memory flat in the batch) gives the outputs, kept tensors,
+    accumulators and per-layer report of the whole batch at once."""
+    model = data.draw(gen.int_models())
+    x = data.draw(gen.model_inputs(model))
+    chunk = data.draw(st.sampled_from([1, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        try:
+            whole = simulate(model, x, keep_tensors=True, keep_accumulators=True, chunk=len(x) or 1)
+        except QftsimError:  # overflow: error, in some chunk as in the whole batch
+            with pytest.raises(QftsimError, match="accumulator overflow"):
+                simulate(model, x, chunk=chunk)
+            return
+        parts = simulate(model, x, keep_tensors=True, keep_accumulators=True, chunk=chunk)
+    assert parts.report == whole.report
+    for key in ("outputs", "tensors", "accumulators"):
+        a, b = getattr(whole, key), getattr(parts, key)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
 def _one_linear(overflow, saturate_at="final", weights=(127, 127, 127, -127), acc_bits=16):
     from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
     from qftsim.profile import HardwareProfile, load_profile
