@@ -87,7 +87,7 @@ def format_report(report: list[LayerReport]) -> str:
 # a chunk of samples holds at most about this many bytes in its largest layer (float64 accumulators,
 # their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples took 6.4 GB
 # whole)
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 def simulate(model: IntModel, inputs, *, keep_tensors: bool = False, keep_accumulators: bool = False,
