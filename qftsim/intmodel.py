@@ -10,6 +10,7 @@ atomic and byte-for-byte deterministic.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import math
@@ -165,6 +166,23 @@ def _write_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
+STALE_SECONDS = 3600  # a temporary older than this belongs to a write that was killed (SIGKILL, power loss)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove what killed writes of `path` left beside it (`.NAME.XXXX` files and folders) an hour or more ago;
+    younger ones may belong to a write still running."""
+    import shutil
+    import time
+
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        try:
+            if time.time() - stale.lstat().st_mtime >= STALE_SECONDS:
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+        except OSError:
+            pass  # another process removed it, or it is not ours to remove
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one; the file gets `mode`
     less the umask, as any file the user creates (the temporary file's private 0600 is not kept). A file
@@ -177,6 +195,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
         raise QftsimError(f"{path}: {blocking} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as exc:
         raise QftsimError(f"{path}: cannot write there ({exc.strerror})") from None

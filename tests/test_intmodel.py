@@ -246,3 +246,69 @@ def test_cli_simulate(saved, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((1, 5), np.int8))
     res = subprocess.run(cmd[:6] + [str(tmp_path / "bad.npy")], capture_output=True, text=True)
     assert res.returncode == 2 and "shape (1, 5)" in res.stderr
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_on_the_next_write(saved):
+    import os
+    import time
+
+    model, path = saved
+    old_file, old_dir, young = (path.parent / f".{path.name}.{s}" for s in ("k1ll3d", "d1r", "runn1ng"))
+    old_file.write_bytes(b"half a model")
+    old_dir.mkdir()
+    (old_dir / "lib.so").write_bytes(b"x")
+    young.write_bytes(b"a write still under way")
+    hour_ago = time.time() - intmodel.STALE_SECONDS - 1
+    for p in (old_file, old_dir):
+        os.utime(p, (hour_ago, hour_ago))
+    model.save(path)
+    assert not old_file.exists() and not old_dir.exists() and young.exists()
+    young.unlink()
+
+
+def test_sigterm_during_a_write_leaves_no_temporary(tmp_path):
+    """qftsim's CLI turns SIGTERM into SystemExit, so a write under way removes its temporary file."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, threading\n"
+        "from pathlib import Path\n"
+        "from qftsim import cli, intmodel\n"
+        "signal.signal(signal.SIGTERM, cli._exit_on_sigterm)\n"
+        "real = os.replace\n"
+        "def slow(*a):\n"
+        "    print('writing', flush=True)\n"
+        "    threading.Event().wait(60)\n"
+        "    real(*a)\n"
+        "os.replace = slow\n"
+        "intmodel.atomic_write_bytes(Path(sys.argv[1]), b'x' * 1000)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "m.qft")], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "writing"  # the temporary file is written, not yet renamed
+    assert len(list(tmp_path.iterdir())) == 1
+    child.send_signal(signal.SIGTERM)
+    assert child.wait() == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_is_reproducible_byte_for_byte(tmp_path):
+    """The same model, data, profile and seed give the same .qft bytes, in two processes."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from qftsim.zoo import load_mnist, reference_network
+
+    np.save(tmp_path / "calib.npy", load_mnist()[0][:64].numpy())
+    torch.save(reference_network("resnet").state_dict(), tmp_path / "resnet.pt")
+    for name in ("a", "b"):
+        res = subprocess.run([sys.executable, "-m", "qftsim.cli", "quantize", "--factory",
+                              "qftsim.zoo:SmallResNet", "--weights", str(tmp_path / "resnet.pt"),
+                              "--data", str(tmp_path / "calib.npy"), "--profile",
+                              "npu-a8w4", "--epochs", "1", "--dataset-size", "64", "--quiet", "-o",
+                              str(tmp_path / f"{name}.qft")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    assert (tmp_path / "a.qft").read_bytes() == (tmp_path / "b.qft").read_bytes()
