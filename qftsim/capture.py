@@ -131,8 +131,8 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
 def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     """Trace `model` (eval mode) on `example` (a batch) into the canonical FGraph."""
     set_eval_mode(model)
-    try:
-        gm = fx.symbolic_trace(model)
+    try:  # a torch.export program is a graph already: kept as it is, with the module paths in its nodes' meta
+        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types for dynamic control flow
         raise QftsimError(f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); "
                           "control flow on tensor values is not supported") from None
@@ -142,12 +142,15 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     alias: dict[str, str] = {}  # removed identity nodes -> their input
     consts: dict[str, torch.Tensor] = {}  # get_attr nodes (parameters of a torch.export program)
     unsupported: list[UnsupportedOp] = []
+    taken = {node.name for node in gm.graph.nodes}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             consts[node.name] = _get_attr(gm, node.target).detach()
             continue
         if node.op == "output":
             out = node.args[0]
+            if isinstance(out, (tuple, list)) and len(out) == 1:  # a torch.export program returns a tuple
+                out = out[0]
             if not isinstance(out, fx.Node):
                 raise QftsimError("the model must return a single tensor")
             output = alias.get(out.name, out.name)
@@ -157,6 +160,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
         except UnsupportedOp as exc:  # keep going: the user hears of every op at once
             unsupported.append(exc)
             continue
+        if fnode is not None and isinstance(node.target, torch._ops.OpOverload):
+            alias[node.name] = fnode.name = _module_path_name(node, taken)  # later nodes read it by this name
         if fnode is None:
             continue
         meta = node.meta.get("tensor_meta")
@@ -200,6 +205,26 @@ class UnsupportedOp(QftsimError):
         self.what, self.where = what, (node.target if node.op == "call_module" else
                                        next(reversed(stack.values()), (node.name,))[0] if stack else node.name)
         super().__init__(f"node {node.name!r}: unsupported op {what}; supported: {SUPPORTED}")
+
+
+def _module_path_name(node: fx.Node, taken: set[str]) -> str:
+    """A torch.export op's name from the module that ran it, as torch.fx names a traced module's nodes
+    (`blocks_0_conv1_0`, not `conv2d_default_5`); an op in a module's own forward (a residual add) gets the op
+    after the path (`blocks_0_add`). `taken` holds the names in use; a repeat gets a suffix."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    taken.discard(node.name)  # the node's own name, which it gives up
+    path, kind = next(reversed(stack.values()))
+    name = path.replace(".", "_") or node.name
+    if not str(getattr(kind, "__module__", kind)).startswith("torch.nn.modules"):
+        name = f"{name}_{node.target._opname}" if path else node.target._opname
+    unique, count = name, 0
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    return unique
 
 
 def _unsupported(node, what) -> QftsimError:

@@ -172,7 +172,7 @@ def test_walkthrough_runs_as_written(tmp_path):
         assert key in summary
     for name in ("model.qft", "model.so", "model.so.json", "inputs.npy", "report/summary.md",
                  "report/accumulator_headroom.png", "report/qft_loss.png", "report/scales.png",
-                 "golden/manifest.json", "generic.so", "generic.so.json"):
+                 "golden/manifest.json", "host.so", "host.so.json"):
         assert (demo / name).is_file(), name
 
 
@@ -204,6 +204,24 @@ def test_pt2_with_default_argument_forms_is_captured(tmp_path):
     assert [n.kind for n in graph.nodes if n.kind != "input"].count("conv") == 2
     with torch.no_grad():
         assert torch.allclose(graph.run(x)[graph.output], net(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("network", ["resnet", "mobilenetv2"])
+def test_pt2_layers_are_named_by_module_path(tmp_path, network):
+    """A .pt2 of each reference network captures to the traced module's graph, with its conv and linear nodes
+    named as torch.fx names them (module paths, not conv2d_default_5), and computes the same outputs."""
+    from qftsim.capture import capture
+    from qftsim.loaders import load_exported_program
+
+    net, x = reference_network(network), load_mnist()[0][:8]
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=({0: batch},)), str(tmp_path / "n.pt2"))
+    traced, exported = capture(net, x[:2]), capture(load_exported_program(tmp_path / "n.pt2"), x[:2])
+    layers = lambda g: [n.name for n in g.nodes if n.kind in ("conv", "linear")]  # noqa: E731
+    assert layers(exported) == layers(traced) and len(layers(traced)) > 5
+    assert len({n.name for n in exported.nodes}) == len(exported.nodes)
+    with torch.no_grad():
+        assert torch.allclose(exported.run(x)[exported.output], traced.run(x)[traced.output], atol=1e-5)
 
 
 class SiluNet(torch.nn.Module):
