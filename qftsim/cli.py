@@ -335,15 +335,18 @@ def _quantize(args) -> int:
     if rank != 0:  # every process holds the same model; the first one writes it
         return EXIT_OK
     int_model.save(args.output)
+    checked = data[:256]
+    if not args.quiet:
+        print(f"simulating {len(checked)} calibration samples for the accumulator report ...", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sim = simulate(int_model, int_model.inputs[0].quant.quantize(data[:256].numpy()))
+        sim = simulate(int_model, int_model.inputs[0].quant.quantize(checked.numpy()))
     report_dir = Path(args.report or Path(args.output).with_suffix("").as_posix() + "-report")
     rows = [("method", args.method), ("calibration loss", f"{report['final_loss']:.5g}"),
             *([("QFT outcome", report["outcome"])] if "outcome" in report else []),
             ("accumulator overflows (calibration data)", sim.overflows)]
     write_report(report_dir, int_model.profile, {args.method: report}, sim.report, rows,
-                 data=f"the first {min(len(data), 256)} calibration samples")
+                 data=f"the first {len(checked)} calibration samples")
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
     print(f"wrote {args.output} (profile {int_model.profile.name}, {len(int_model.nodes)} nodes); "
           f"calibration loss {report['final_loss']:.5g}; report: {report_dir}/summary.md")

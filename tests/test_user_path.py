@@ -84,7 +84,7 @@ def test_quantize_shows_progress_of_every_stage(inputs):
     assert res.returncode == 0, res.stderr
     for stage in ("reading", "float model's outputs", "qft: set-up", "rtn ranges", "QFT", "per-layer report"):
         assert stage in res.stderr, stage
-    assert "QFT started from " in res.stdout
+    assert "QFT started from " in res.stdout and "simulating 48 calibration samples" in res.stdout
 
 
 def test_a_batch_baked_into_a_pt2_is_one_line(inputs):
