@@ -228,6 +228,44 @@ def check_writable(path: Path, what: str = "the file") -> None:
         raise QftsimError(f"{path}: cannot write {what} there ({str(exc).split(': ', 1)[-1]})") from None
 
 
+MANIFEST_BYTES = 16 * 2**20  # a manifest holds names, shapes and attributes: far below this
+# what a file may expand to: its own size this many times over, plus an allowance (int8 weights compress
+# about 1.1x; a zip of zeros expands 1000x, and a 3 MB file declaring 3 GiB took 1.5 GB to be refused)
+EXPANSION_FACTOR, EXPANSION_ALLOWANCE = 64, 64 * 2**20
+
+
+def _check_declared_sizes(zf: zipfile.ZipFile, file_size: int) -> None:
+    """Before anything is decompressed: the manifest is small, each array member holds exactly what its .npy
+    header declares, and all of them together expand to at most EXPANSION_FACTOR x the file."""
+    infos = {i.filename: i for i in zf.infolist()}
+    if infos["manifest.json"].file_size > MANIFEST_BYTES:
+        raise QftsimError(f"manifest.json declares {infos['manifest.json'].file_size} bytes (at most "
+                          f"{MANIFEST_BYTES})")
+    total = sum(i.file_size for i in infos.values())
+    if total > EXPANSION_FACTOR * file_size + EXPANSION_ALLOWANCE:
+        raise QftsimError(f"its members declare {total} bytes from a {file_size}-byte file (a decompression bomb?)")
+    for name, info in infos.items():
+        if not name.startswith("arrays/"):
+            continue
+        with zf.open(info) as member:  # only the .npy header is read here
+            try:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f".npy format version {version}, not 1.0 or 2.0")
+                shape, _, dtype = read_header(member)
+            except (ValueError, EOFError, SyntaxError):
+                continue  # unreadable: refused, naming its node, when the arrays are loaded
+            if dtype.hasobject:
+                continue  # a pickle: refused then too (allow_pickle=False)
+            declared = member.tell() + math.prod(shape) * dtype.itemsize
+        if declared != info.file_size:
+            node, _, key = name.removeprefix("arrays/").removesuffix(".npy").rpartition("/")
+            raise QftsimError(f"node {node!r}: array {key!r} declares {declared} bytes in its header, "
+                              f"{info.file_size} in the file")
+
+
 def load(path: str | Path) -> IntModel:
     """Read and validate a `.qft` file; any defect raises QftsimError naming what is wrong."""
     path = Path(path)
@@ -238,6 +276,7 @@ def load(path: str | Path) -> IntModel:
             names = set(zf.namelist())
             if "manifest.json" not in names:
                 raise QftsimError(f"{path}: not a qftsim model (no manifest.json)")
+            _check_declared_sizes(zf, path.stat().st_size)
             manifest = json.loads(zf.read("manifest.json"))
             members = {name: zf.read(name) for name in names if name.startswith("arrays/")}
     except RecursionError:  # (a RuntimeError, as are an encrypted member's errors: caught first)

@@ -312,3 +312,35 @@ def test_quantize_is_reproducible_byte_for_byte(tmp_path):
                               str(tmp_path / f"{name}.qft")], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     assert (tmp_path / "a.qft").read_bytes() == (tmp_path / "b.qft").read_bytes()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(claimed=st.integers(0, 2**40).filter(lambda n: n != 10))
+def test_an_array_header_that_lies_about_its_size_is_refused_before_reading(saved, claimed):
+    """A member whose .npy header declares another length than its bytes (10 int32 biases) is refused from
+    the header alone, however large the claim."""
+    model, path = saved
+    honest = _npy(np.zeros(10, np.int32))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i4", "fortran_order": False, "shape": (claimed,)})
+    lying = header.getvalue() + honest[len(header.getvalue()):]
+    with pytest.raises(QftsimError, match="'fc': array 'bias' declares"):
+        intmodel.load(_rewrite(path, replace={"arrays/fc/bias.npy": lying}))
+
+
+def test_a_decompression_bomb_is_refused_before_reading(saved, monkeypatch):
+    model, path = saved
+    bomb = _rewrite(path, replace={"arrays/fc/extra.npy": _npy(np.zeros(2**22, np.int8))})  # 4 MiB of zeros
+    with zipfile.ZipFile(bomb) as zf:  # (zlib: ZipFile.writestr stores; recompress)
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    assert bomb.stat().st_size < 2**16
+    monkeypatch.setattr(intmodel, "EXPANSION_ALLOWANCE", 0)
+    with pytest.raises(QftsimError, match="decompression bomb"):
+        intmodel.load(bomb)
+    monkeypatch.setattr(intmodel, "MANIFEST_BYTES", 100)
+    with pytest.raises(QftsimError, match="manifest.json declares"):
+        intmodel.load(path)
