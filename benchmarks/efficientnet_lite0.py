@@ -160,13 +160,15 @@ def main(argv=None):
     ap.add_argument("--reconstruction-lr", type=float, default=5e-2, help="their rate, in quantization steps")
     ap.add_argument("--seed", type=int, default=0, help="QFT's seed (the order of its batches); the crops are fixed")
     ap.add_argument("--no-compile", action="store_true", help="skip the TVM-compiled check of QFT")
+    ap.add_argument("--compile-target", default="host", choices=["host", "x86-64"],
+                    help="the TVM target of that check (x86-64: the portable build, a far shorter compile)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip QFT's eval-mode and compiled checks (about 10 minutes): for exploratory runs")
     ap.add_argument("--quick", action="store_true",
                     help="256 calibration / 200 evaluation crops, at most 25 reconstruction steps, one epoch")
     ap.add_argument("--smoke", action="store_true",
                     help="bundled photos only, 8 calibration / 8 evaluation crops, at most 2 reconstruction steps, "
-                         "one epoch, int8-default")
+                         "one epoch, int8-default, the compiled check on x86-64")
     ap.add_argument("--photos", type=Path, default=None, help="photo pool folder (default: the cache)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.mixup <= 1.0:
@@ -176,6 +178,7 @@ def main(argv=None):
         args.reconstruction_steps = min(args.reconstruction_steps, 25)
     if args.smoke:
         args.calibration, args.evaluation, args.epochs, args.profiles = 8, 8, 1, "int8-default"
+        args.compile_target = "x86-64"
         args.reconstruction_steps = min(args.reconstruction_steps, 2)
     folder = args.photos or (default_cache().with_name("photos-bundled") if args.smoke else default_cache())
     build_pool(folder, bundled_only=args.smoke)
@@ -228,7 +231,7 @@ def main(argv=None):
             model = qg.integerize()
             seconds = time.perf_counter() - clock
             ints = integer_outputs(model, evaluation, simulator)
-            check = (exactness_check(qg, model, evaluation, ints, args.no_compile)
+            check = (exactness_check(qg, model, evaluation, ints, args.no_compile, args.compile_target)
                      if method == "qft" and not args.no_check else "")
             f = fidelity(teacher_eval, torch.from_numpy(model.node(model.outputs[0]).quant.dequantize(ints.numpy())))
             print(f"{profile:{width}s} {method:26s} {f['top1']:6.3f} {f['top1_confident']:8.3f} {f['in_top5']:7.3f} "
@@ -259,7 +262,8 @@ def block_outputs(net, factor: float, every_layer: bool = False) -> dict[str, fl
     return {name: factor / len(outs) for name in outs}
 
 
-def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor, skip_compiled: bool) -> str:
+def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor, skip_compiled: bool,
+                    target: str = "host") -> str:
     """The eval-mode QGraph (and the compiled model) on the evaluation crops: integers equal to the simulator's."""
     eval_mode = batched(lambda b: qg.run_integers(b)[qg.fg.output], evaluation)
     if not torch.equal(eval_mode, simulated):
@@ -269,7 +273,7 @@ def exactness_check(qg, model, evaluation: torch.Tensor, simulated: torch.Tensor
         return said
     import export
 
-    compiled = export.compile_model(model, "host")
+    compiled = export.compile_model(model, target)
     compiled_ints = integer_outputs(model, evaluation, lambda m, q: compiled.run(q)[m.outputs[0]])
     if not torch.equal(compiled_ints, simulated):
         raise SystemExit("the compiled model differs from the simulator")

@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser("simulate", help="run a .qft model bit-exactly on an input batch")
     simulate.add_argument("model", help="a .qft IntModel file")
-    simulate.add_argument("--input", required=True, metavar="X.npy", help=".npy batch: integers as quantized, floats are quantized")
+    simulate.add_argument("--input", required=True, metavar="X.npy",
+                          help=".npy batch: integers as quantized, floats are quantized")
     simulate.add_argument("--dump", metavar="DIR", help="write golden vectors of every layer to DIR")
     simulate.add_argument("--accumulators", action="store_true", help="with --dump, also dump accumulators")
     simulate.add_argument("--force", action="store_true",
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole path on the bundled MNIST subset: train/load, rtn and QFT, "
                                         "simulate, compile, verify, report")
-    demo.add_argument("--profile", default="int8-default", metavar="NAME|FILE", help="a shipped profile name or a .yaml file")
+    demo.add_argument("--profile", default="int8-default", metavar="NAME|FILE",
+                      help="a shipped profile name or a .yaml file")
     demo.add_argument("--out", default="qftsim-demo", metavar="DIR", help="artifact folder")
     demo.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT epochs")
     demo.add_argument("--target", default="host", choices=["host", "x86-64"],
@@ -411,19 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize your own model for a profile and write a .qft file")
     quant.add_argument("--model", metavar="FILE.pt2", help="a torch.export program (.pt2)")
     quant.add_argument("--factory", metavar="PKG.MOD:FN", help="package.module:function returning an nn.Module")
-    quant.add_argument("--weights", metavar="FILE", help="state dict for the factory's model (torch.load weights_only=True)")
+    quant.add_argument("--weights", metavar="FILE",
+                       help="state dict for the factory's model (torch.load weights_only=True)")
     quant.add_argument("--data", required=True, metavar="PATH", help=".npy, .npz or a folder of images")
     quant.add_argument("--npz-key", metavar="KEY", help="which array of an .npz")
     quant.add_argument("--resize", type=_count, metavar="PIXELS", help="images: shorter side to this many pixels")
-    quant.add_argument("--crop", type=_count, metavar="PIXELS", help="images: center crop to this square size, in pixels")
+    quant.add_argument("--crop", type=_count, metavar="PIXELS",
+                       help="images: center crop to this square size, in pixels")
     quant.add_argument("--channels", type=int, default=3, choices=[1, 3], help="images: 1 (grey) or 3 (RGB)")
-    quant.add_argument("--mean", default="0", metavar="M[,M,M]", help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
+    quant.add_argument("--mean", default="0", metavar="M[,M,M]",
+                       help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
     quant.add_argument("--std", default="1", metavar="S[,S,S]", help="images: per-channel std to divide by")
     quant.add_argument("--input-size", type=_input_size, metavar="C,H,W",
                        help="the sample shape the model expects; calibration data of another shape is refused "
                             "(the .qft takes exactly the data's shape)")
-    quant.add_argument("--profile", default="int8-default", metavar="NAME|FILE", help="a shipped profile name or a .yaml file")
-    quant.add_argument("--method", default="qft", metavar="METHOD", help="qft, or rtn/mse/cle/bias_correction joined by +")
+    quant.add_argument("--profile", default="int8-default", metavar="NAME|FILE",
+                       help="a shipped profile name or a .yaml file")
+    quant.add_argument("--method", default="qft", metavar="METHOD",
+                       help="qft, or rtn/mse/cle/bias_correction joined by +")
     quant.add_argument("--init", default="best", metavar="METHOD",
                        help="QFT's start: best (try every closed-form method), or one, e.g. rtn+bias_correction")
     quant.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT passes over the calibration samples")
@@ -448,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--loss-layer", action="append", metavar="NODE=FACTOR", help="extra distillation layer")
     quant.add_argument("--reconstruction-steps", type=int, default=0, metavar="N",
                        help="block-wise reconstruction steps per block before finetuning (0: none)")
-    quant.add_argument("--reconstruction-lr", type=float, default=5e-2, metavar="RATE", help="its rate, in quantization steps")
+    quant.add_argument("--reconstruction-lr", type=float, default=5e-2, metavar="RATE",
+                       help="its rate, in quantization steps")
     quant.add_argument("--freeze", action="append", metavar="GROUP",
                        help="weights, biases, weight_scales, act_scales or equalization")
     quant.add_argument("--seed", type=int, default=0, metavar="N", help="seed of QFT's sample order")
