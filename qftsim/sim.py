@@ -85,8 +85,8 @@ def format_report(report: list[LayerReport]) -> str:
 
 
 # a chunk of samples holds at most about this many bytes in its largest layer (float64 accumulators,
-# their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples took 6.4 GB
-# whole)
+# their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples: 4.5 GiB
+# whole, 0.56 GiB in chunks; benchmarks/sim_memory.py). Small chunks are also faster: they stay in cache
 CHUNK_BYTES = 64 * 2**20
 
 
