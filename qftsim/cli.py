@@ -61,8 +61,6 @@ def _profiles_validate(args) -> int:
 
 def load_input_array(model, path: str):
     """An .npy batch for the model's single input: integers as they are, reals quantized; says which."""
-    import numpy as np
-
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")  # a header claiming more than the file is refused
     except (OSError, ValueError, EOFError) as exc:
@@ -113,8 +111,6 @@ def _simulate(args) -> int:
 def _npy_bytes(arr) -> bytes:
     import io
 
-    import numpy as np
-
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -150,8 +146,6 @@ def _import(args) -> int:
 
 def _verify(args) -> int:
     import warnings
-
-    import numpy as np
 
     import export
     from qftsim import intmodel

@@ -146,9 +146,12 @@ def quantize_graph(model: nn.Module, calibration_data, profile, method: str = "q
     # every closed-form baseline (min-max or MSE ranges, with or without CLE, each with and without bias
     # correction): which is best differs by network and profile (EfficientNet-Lite0 at 4-bit weights:
     # rtn+bias_correction and cle+bias_correction, far ahead of the MSE-range candidates)
-    bases = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else []) \
-        if method == "qft" and cfg.init == "best" else [cfg.init if method == "qft" else method]
-    corrected = method == "qft" and cfg.init == "best"  # each base also with bias correction
+    if method != "qft":
+        bases, corrected = [method], False
+    elif cfg.init == "best":  # each base also with bias correction
+        bases, corrected = ["rtn", "mse"] + (["cle", "cle+mse"] if equalization_pairs(fg) else []), True
+    else:
+        bases, corrected = [cfg.init], False
     setup, stage = _stages(len(bases) * (2 + 2 * corrected), f"{method}: set-up", cfg.progress)
     inits = {}
     for base in bases:

@@ -67,7 +67,8 @@ def write_report(folder: str | Path, profile: HardwareProfile, reports: dict[str
                 ax.axhline(rep["start_loss"], color=line.get_color(), linestyle="--", label=f"{method}: start")
                 ax.axhline(rep["finetuned_loss"], color=line.get_color(), linestyle=":",
                            label=f"{method}: finetuned" + (" (discarded: worse)" if rep.get("kept_start") else ""))
-                discarded += [method] if rep.get("kept_start") else []
+                if rep.get("kept_start"):
+                    discarded.append(method)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("distillation loss")

@@ -99,7 +99,8 @@ def simulate(model: IntModel, inputs, *, keep_tensors: bool = False, keep_accumu
     checked = check_inputs(model, inputs)
     count = len(next(iter(checked.values())))
     size = chunk or chunk_samples(model)
-    parts = [_simulate_chunk(model, {k: v[i:i + size] for k, v in checked.items()}, keep_tensors,
+    last_use = {s: i for i, node in enumerate(model.nodes) for s in node.inputs}
+    parts = [_simulate_chunk(model, {k: v[i:i + size] for k, v in checked.items()}, last_use, keep_tensors,
                              keep_accumulators) for i in range(0, max(count, 1), size)]
     report = [_merged(rows) for rows in zip(*(p.report for p in parts))]
     overflowed = [r for r in report if r.overflows]
@@ -131,10 +132,10 @@ def _merged(rows: tuple[LayerReport, ...]) -> LayerReport:
                        sum(r.clamp_high for r in rows))
 
 
-def _simulate_chunk(model: IntModel, inputs: dict[str, np.ndarray], keep_tensors: bool,
+def _simulate_chunk(model: IntModel, inputs: dict[str, np.ndarray], last_use: dict[str, int], keep_tensors: bool,
                     keep_accumulators: bool) -> SimResult:
+    """One chunk of the batch; `last_use`: the index of the last node that reads each tensor."""
     env = {name: torch.from_numpy(arr.astype(np.float32)) for name, arr in inputs.items()}
-    last_use = {s: i for i, node in enumerate(model.nodes) for s in node.inputs}
     sim = _Simulator(model, keep_accumulators)
     for i, node in enumerate(model.nodes):
         env[node.name] = sim.run(node, [env[s] for s in node.inputs]).to(torch.float32)
