@@ -202,15 +202,21 @@ def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = N
     `lrintf(float(acc) * scale)` is float32 with half_even.
 
     Where |acc| * multiplier < 2^52 every intermediate is exact in float64,
-    so that (fast) path computes the same integers; int64 serves the rest.
+    so that (fast) path computes the same integers; for wider products the
+    multiplier is split in two 16-bit-apart halves, each product exact in
+    float64 (`_requantize_split_float64`); int64 serves the rest.
     `acc_peak` is max |acc| where the caller already knows it (saves a pass).
     """
     m = _to_int64(multiplier, like=acc)
     t = _to_int64(shift, like=acc)
     if scheme in FLOAT_SCHEMES:
         return _restore(_requantize_float(acc, m, t, scheme, rounding), acc)
-    if not _is_expr(acc) and _float64_is_exact(acc if acc_peak is None else acc_peak, m, t, rounding):
-        return _restore(_requantize_float64(acc, m, t, rounding), acc)
+    if not _is_expr(acc):
+        peak = _peak(acc) if acc_peak is None else acc_peak
+        if _float64_is_exact(peak, m, t, rounding):
+            return _restore(_requantize_float64(acc, m, t, rounding), acc)
+        if _split_float64_is_exact(peak, m, t, rounding):
+            return _restore(_requantize_split_float64(acc, m, t, rounding), acc)
     return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
 
 
@@ -287,6 +293,8 @@ def _requantize_float(acc, m, t, scheme: str, rounding: str):
 def round_real_exact(w, rounding: str):
     """Float values rounded to integers by `rounding`, exactly for any float (the value w - floor(w) is
     exact, so no tie is made or lost by an addition): the last step of a float requantization."""
+    if rounding == "half_even" and not _is_expr(w):
+        return torch.round(w) if _is_torch(w) else np.rint(w)  # IEEE round-to-nearest-even: exact
     f = _floor(w)
     frac = w - f
     if rounding == "floor":
@@ -356,6 +364,55 @@ def _requantize_float64(a, m, t, rounding: str):
         return xp.floor(w, out=w)
     # m * 2^-t is exact in float64, and so is its product with a (< 2^52 significant bits)
     return _round_float64(_float64_product(a, _to_float64(m) * _exp2_neg(t)), rounding)
+
+
+SPLIT_BITS = 16
+
+
+def _split_float64_is_exact(peak: float, m, t, rounding: str) -> bool:
+    """Whether `_requantize_split_float64` is exact: every intermediate an integer below 2^53."""
+    if rounding not in ("floor", "half_up", "half_away") or np.size(t) == 0:
+        return False
+    t_min, t_max = int(t.min()), int(t.max())
+    m_hi = _peak(m) // 2**SPLIT_BITS
+    return t_min > SPLIT_BITS and peak < 2.0 ** (52 - SPLIT_BITS) \
+        and peak * (m_hi + 2) + 2.0 ** (t_max - 1 - SPLIT_BITS) < 2.0**52
+
+
+def _requantize_split_float64(a, m, t, rounding: str):
+    """floor((a*m + c) / 2^t) in float64 for products past 2^52, c being the rounding's constant (2^(t-1) for
+    half_up, less [a < 0] for half_away, 0 for floor), as _requantize_int64 computes it.
+
+    With m = m_hi * 2^k + m_lo (k = SPLIT_BITS), c = c_hi * 2^k + c_lo and floor((n + f) / D) = floor(n / D)
+    for an integer n, 0 <= f < 1 and an integer D >= 1, it is
+    floor((a*m_hi + c_hi + floor((a*m_lo + c_lo) / 2^k)) / 2^(t-k)): each product, sum and power-of-two
+    scaling exact below 2^53 (`_split_float64_is_exact`). It is several times faster than int64 with
+    per-channel shifts. c_hi joins the low sum (one pass less) where that stays below 2^53 (t <= 53)."""
+    xp = torch if _is_torch(a) else np
+    a = _to_float64(a)
+    m_hi, m_lo = (_to_float64(v) for v in (m >> SPLIT_BITS, m & (2**SPLIT_BITS - 1)))
+    c_hi = None if rounding == "floor" else _exp2_neg(1 + SPLIT_BITS - t)  # 2^(t-1) = c_hi * 2^k
+    c_lo = -_to_float64(a < 0) if rounding == "half_away" else None
+    if c_hi is not None and int(t.max()) <= 53:  # c_hi * 2^k joins the low sum, which stays below 2^53
+        c_lo = c_hi * 2.0**SPLIT_BITS if c_lo is None else c_lo + c_hi * 2.0**SPLIT_BITS
+        c_hi = None
+    low = _multiply_add(a, m_lo, c_lo)
+    low *= 2.0**-SPLIT_BITS
+    low = xp.floor(low, out=low)
+    if c_hi is not None:
+        low += c_hi
+    low = _multiply_add(a, m_hi, low, in_place=True)
+    low *= _exp2_neg(t - SPLIT_BITS)
+    return xp.floor(low, out=low)
+
+
+def _multiply_add(a, b, c=None, in_place=False):
+    """a * b + c (c broadcast to a's shape; in place on c where it has that shape), one pass in torch."""
+    if _is_torch(a):
+        if c is None:
+            return a * b
+        return c.addcmul_(a, b) if in_place else torch.addcmul(c, a, b)
+    return a * b if c is None else a * b + c
 
 
 def _float64_product(a, factor):

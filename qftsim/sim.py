@@ -3,7 +3,8 @@
 Arithmetic follows the profile through `qftsim.arith`. Convolutions and
 matrix products run as float32 or float64 torch ops when a static bound
 proves every partial sum is an integer below 2^24 or 2^53 (then any
-summation order is exact), and as int64 otherwise.
+summation order is exact), and as int64 otherwise; a bias joins in float32
+where the sums come out below 2^24 (see `_Simulator._exact_accumulate`).
 
 MAC order (it matters only for `saturate_at: every_mac`): the accumulator
 starts at the bias, then adds the products of one weight row in its
@@ -100,8 +101,9 @@ def simulate(model: IntModel, inputs, *, keep_tensors: bool = False, keep_accumu
     count = len(next(iter(checked.values())))
     size = chunk or chunk_samples(model)
     last_use = {s: i for i, node in enumerate(model.nodes) for s in node.inputs}
-    parts = [_simulate_chunk(model, {k: v[i:i + size] for k, v in checked.items()}, last_use, keep_tensors,
-                             keep_accumulators) for i in range(0, max(count, 1), size)]
+    constants: dict[str, _MatmulConstants] = {}  # shared by the chunks
+    parts = [_simulate_chunk(model, {k: v[i:i + size] for k, v in checked.items()}, last_use, constants,
+                             keep_tensors, keep_accumulators) for i in range(0, max(count, 1), size)]
     report = [_merged(rows) for rows in zip(*(p.report for p in parts))]
     overflowed = [r for r in report if r.overflows]
     if overflowed:
@@ -132,11 +134,11 @@ def _merged(rows: tuple[LayerReport, ...]) -> LayerReport:
                        sum(r.clamp_high for r in rows))
 
 
-def _simulate_chunk(model: IntModel, inputs: dict[str, np.ndarray], last_use: dict[str, int], keep_tensors: bool,
-                    keep_accumulators: bool) -> SimResult:
+def _simulate_chunk(model: IntModel, inputs: dict[str, np.ndarray], last_use: dict[str, int],
+                    constants: dict[str, _MatmulConstants], keep_tensors: bool, keep_accumulators: bool) -> SimResult:
     """One chunk of the batch; `last_use`: the index of the last node that reads each tensor."""
     env = {name: torch.from_numpy(arr.astype(np.float32)) for name, arr in inputs.items()}
-    sim = _Simulator(model, keep_accumulators)
+    sim = _Simulator(model, keep_accumulators, constants)
     for i, node in enumerate(model.nodes):
         env[node.name] = sim.run(node, [env[s] for s in node.inputs]).to(torch.float32)
         if not keep_tensors:  # free what no later node reads
@@ -175,6 +177,11 @@ def check_inputs(model: IntModel, inputs) -> dict[str, np.ndarray]:
     return checked
 
 
+def _min_max(t: torch.Tensor) -> tuple[int, int]:
+    """min and max of an integer-valued tensor (0, 0 for an empty one)."""
+    return tuple(int(v) for v in torch.aminmax(t)) if t.numel() else (0, 0)
+
+
 def _float_dtype_for(bound: int) -> torch.dtype | None:
     """A float type whose integer sums up to `bound` are exact in any order, or None."""
     if bound < 2**24:
@@ -188,6 +195,24 @@ def _max_abs_centered(q: TensorQuant) -> int:
     return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
 
 
+@dataclass
+class _MatmulConstants:
+    """A conv's or linear's arrays as int64 tensors, with the sums over each weight row, prepared once per run."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    multiplier: torch.Tensor
+    shift: torch.Tensor
+    row_sums: torch.Tensor
+    l1: int  # the largest row sum of |w|: every partial sum, in any order, is at most this times max |input|
+
+    @classmethod
+    def of(cls, node: Node) -> _MatmulConstants:
+        weight, bias, m, t = (torch.from_numpy(node.arrays[k].astype(np.int64))
+                              for k in ("weight", "bias", "multiplier", "shift"))
+        rows = weight.reshape(len(weight), -1)
+        return cls(weight, bias, m, t, rows.sum(dim=1), int(rows.abs().sum(dim=1).max()) if rows.numel() else 0)
+
+
 class _Simulator:
     """Executes nodes on float tensors that hold integers, exactly.
 
@@ -195,8 +220,9 @@ class _Simulator:
     requantization use float64 (or int64) as the bounds require.
     """
 
-    def __init__(self, model: IntModel, keep_accumulators: bool):
+    def __init__(self, model: IntModel, keep_accumulators: bool, constants: dict[str, _MatmulConstants]):
         self.model = model
+        self.constants = constants
         self.profile = model.profile
         self.report: list[LayerReport] = []
         self.keep_accumulators = keep_accumulators
@@ -211,13 +237,15 @@ class _Simulator:
     def _conv2d(self, node, xs, in_quants):
         (x,), (q,) = xs, in_quants
         a = node.attrs
-        w = node.arrays["weight"].astype(np.int64)
+        c = self._constants(node)
         pt, pl, pb, pr = a["padding"]
-        centered = x - q.zero_point if q.zero_point else x
-        if pt == pb and pl == pr:
+        offset = self._input_offset(q, c.l1, any(a["padding"]))
+        shifted = x - offset if offset else x
+        pad_value = q.zero_point - offset  # the padding's value, a centred 0, after the shift
+        if not any(a["padding"]) or pad_value == 0 and pt == pb and pl == pr:
             conv_padding = (pt, pl)  # let the conv pad: no padded copy on the fast path
         else:
-            centered, conv_padding = F.pad(centered, (pl, pr, pt, pb)), (0, 0)
+            shifted, conv_padding = F.pad(shifted, (pl, pr, pt, pb), value=pad_value), (0, 0)
 
         def padded(inp):
             return F.pad(inp, (conv_padding[1],) * 2 + (conv_padding[0],) * 2) if any(conv_padding) else inp
@@ -230,14 +258,15 @@ class _Simulator:
             return _conv2d_int64(padded(inp), weight, a["stride"], a["dilation"], a["groups"])
 
         def terms(flat_index, shape):
-            return _conv_terms(padded(centered), w, a, flat_index, shape)
+            return _conv_terms(padded(shifted), c.weight.numpy(), a, flat_index, shape)
 
-        return self._matmul_layer(node, centered, torch.from_numpy(w), q, matmul, int64_matmul, terms)
+        return self._matmul_layer(node, shifted, offset, c, q, matmul, int64_matmul, terms)
 
     def _linear(self, node, xs, in_quants):
         (x,), (q,) = xs, in_quants
-        w = node.arrays["weight"].astype(np.int64)
-        centered = x - q.zero_point
+        c = self._constants(node)
+        offset = self._input_offset(q, c.l1, False)
+        shifted = x - offset if offset else x
 
         def matmul(inp, weight, dtype):
             return inp.to(dtype) @ weight.to(dtype).T
@@ -247,45 +276,74 @@ class _Simulator:
 
         def terms(flat_index, shape):
             n, o = np.unravel_index(flat_index, shape)
-            return centered[n].to(torch.int64) * torch.from_numpy(w[o])
+            return shifted[n].to(torch.int64) * c.weight[o]
 
-        return self._matmul_layer(node, centered, torch.from_numpy(w), q, matmul, int64_matmul, terms)
+        return self._matmul_layer(node, shifted, offset, c, q, matmul, int64_matmul, terms)
 
-    def _exact_accumulate(self, matmul, int64_matmul, inp, weight, bias, in_peak: int):
-        """bias + inp (x) weight exactly: in float32 or float64 where the bound allows, else int64.
+    def _constants(self, node) -> _MatmulConstants:
+        if node.name not in self.constants:
+            self.constants[node.name] = _MatmulConstants.of(node)
+        return self.constants[node.name]
 
-        Where float32 is too narrow but float64 is not, the input is split into
-        high and low halves (inp = high * 2^s + low): two float32 products, each
-        exact, summed in float64. float32 convolutions are several times faster
-        than float64 ones on CPU."""
+    def _input_offset(self, q: TensorQuant, l1: int, padded: bool) -> int:
+        """The integer a matmul subtracts from its input before the products, its difference to the zero point
+        going into the bias. The zero point itself where the products fit float32 so (a padded conv then pads
+        by itself) or where every MAC saturates (the partial sums are the arithmetic there); else the middle of
+        the input's range, which halves the products' bound where the zero point sits at one end (a ReLU's
+        output)."""
+        if self.profile.accumulator.saturate_at == "every_mac" or l1 * _max_abs_centered(q) < 2**24 and padded:
+            return q.zero_point
+        return (q.qmin + q.qmax + 1) // 2
+
+    def _exact_accumulate(self, matmul, int64_matmul, inp, weight, l1: int, bias, in_peak: int):
+        """(bias + inp (x) weight, its min, its max) exactly: in float32 or float64 where the bound allows,
+        else int64.
+
+        Where the products' partial sums fit float32, so does the sum with the bias wherever it comes out below
+        2^24 (float32 rounding is monotone): only where it does not is the bias added in float64 instead.
+        Where float32 is too narrow for the products but float64 is not, the input is split into high and low
+        halves (inp = high * 2^s + low): two float32 products, each exact, summed in float64. float32
+        convolutions are several times faster than float64 ones on CPU. `l1`: the largest row sum of
+        |weight|; `in_peak`: max |inp|."""
         channel_shape = (1, -1) + (1,) * (inp.dim() - 2)
-        w_peak = int(weight.abs().max()) if weight.numel() else 0
-        per_input = int(weight[0].numel()) * w_peak
+        products = l1 * in_peak  # bounds every partial sum, in any order
         bias = bias.view(channel_shape)
-        dtype = _float_dtype_for(per_input * in_peak + (int(bias.abs().max()) if bias.numel() else 0))
+        bias_peak = int(bias.abs().max()) if bias.numel() else 0
+        dtype = _float_dtype_for(products + bias_peak)
         if dtype is None:
-            return int64_matmul(inp.to(torch.int64), weight).add_(bias)
-        s = (in_peak.bit_length() + 1) // 2
-        if dtype == torch.float64 and per_input * max(2**s - 1, (in_peak >> s) + 1) < 2**24:
+            acc = int64_matmul(inp.to(torch.int64), weight).add_(bias)
+        elif products < 2**24:
+            acc = matmul(inp, weight, torch.float32)
+            if bias_peak < 2**24:
+                exact = acc.add(bias.to(torch.float32))
+                lo, hi = _min_max(exact)
+                if max(-lo, hi) < 2**24:
+                    return exact, lo, hi
+            acc = acc.to(torch.float64).add_(bias.to(torch.float64))
+        elif l1 * max(2 ** (s := (in_peak.bit_length() + 1) // 2) - 1, (in_peak >> s) + 1) < 2**24:
             low = torch.remainder(inp, 2**s)
             high = (inp - low).mul_(2.0**-s)
             acc = matmul(high, weight, torch.float32).to(torch.float64).mul_(2**s)
-            return acc.add_(matmul(low, weight, torch.float32)).add_(bias.to(torch.float64))
-        return matmul(inp, weight, dtype).add_(bias.to(dtype))
+            acc.add_(matmul(low, weight, torch.float32)).add_(bias.to(torch.float64))
+        else:
+            acc = matmul(inp, weight, dtype).add_(bias.to(dtype))
+        return (acc, *_min_max(acc))
 
-    def _matmul_layer(self, node, centered, weight, q_in, matmul, int64_matmul, terms):
-        """Exact sum of products, bias, accumulator semantics, requantization, clamp."""
+    def _matmul_layer(self, node, shifted, offset, c: _MatmulConstants, q_in, matmul, int64_matmul, terms):
+        """Exact sum of products, bias, accumulator semantics, requantization, clamp.
+
+        `shifted` is the input less `offset`; (offset - zero point) * the weight's row sums joins the bias."""
         acc_spec = self.profile.accumulator
         lo, hi = acc_spec.range
-        channel_shape = (1, -1) + (1,) * (centered.dim() - 2)
-        bias = torch.from_numpy(node.arrays["bias"].astype(np.int64))
-        exact = self._exact_accumulate(matmul, int64_matmul, centered, weight, bias, _max_abs_centered(q_in))
-        acc_min, acc_max = (int(v) for v in torch.aminmax(exact)) if exact.numel() else (0, 0)
+        channel_shape = (1, -1) + (1,) * (shifted.dim() - 2)
+        in_peak = max(q_in.qmax - offset, offset - q_in.qmin)
+        exact, acc_min, acc_max = self._exact_accumulate(matmul, int64_matmul, shifted, c.weight, c.l1,
+                                                         c.bias + (offset - q_in.zero_point) * c.row_sums, in_peak)
         rep = LayerReport(node.name, node.op, exact.numel(), acc_spec.bits, acc_min, acc_max)
         in_range = lo <= acc_min and acc_max <= hi
         outside = None if in_range else (exact < lo) | (exact > hi)
         if acc_spec.saturate_at == "every_mac":
-            acc, outside = self._saturate_every_mac(centered, weight, bias, exact, matmul, int64_matmul, terms, q_in)
+            acc, outside = self._saturate_every_mac(shifted, c, exact, matmul, int64_matmul, terms, in_peak)
         elif in_range:
             acc = exact
         elif acc_spec.overflow == "error":
@@ -299,25 +357,24 @@ class _Simulator:
         rep.overflows = 0 if outside is None else int(outside.sum())
         if self.keep_accumulators:
             self.accumulators[node.name] = acc.numpy().astype(np.int32 if acc_spec.bits <= 32 else np.int64)
-        m = torch.from_numpy(node.arrays["multiplier"].astype(np.int64)).view(channel_shape)
-        t = torch.from_numpy(node.arrays["shift"].astype(np.int64)).view(channel_shape)
+        m, t = c.multiplier.view(channel_shape), c.shift.view(channel_shape)
         peak = max(-acc_min, acc_max) if outside is None else None
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
         op = node_arithmetic(node, self.profile)
-        y = arith.requantize_channels(acc, m, t, op, len(weight), acc_peak=peak)
+        y = arith.requantize_channels(acc, m, t, op, len(c.weight), acc_peak=peak)
         y = y.to(torch.float32).add_(node.quant.zero_point)
         return self._apply_clamp(node, y, rep)
 
-    def _saturate_every_mac(self, centered, weight, bias, exact, matmul, int64_matmul, terms, q_in):
-        """Saturate after every MAC: sequential only where |bias| + sum |products| can leave the range."""
+    def _saturate_every_mac(self, centered, c: _MatmulConstants, exact, matmul, int64_matmul, terms, in_peak):
+        """Saturate after every MAC: sequential only where |bias| + sum |products| can leave the range
+        (`centered`: the input less its zero point, at most `in_peak` in magnitude)."""
         lo, hi = self.profile.accumulator.range
-        abs_w = weight.abs()
+        abs_w, bias = c.weight.abs(), c.bias
         row_l1 = abs_w.reshape(abs_w.shape[0], -1).sum(dim=1)
-        if int((row_l1 * _max_abs_centered(q_in) + bias.abs()).max()) <= hi:
+        if int((row_l1 * in_peak + bias.abs()).max()) <= hi:
             return exact, None  # no partial sum can leave the range (e.g. an A2Q-bounded layer)
-        risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_w, bias.abs(),
-                                       _max_abs_centered(q_in)) > hi
+        risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_w, c.l1, bias.abs(), in_peak)[0] > hi
         acc = exact.to(torch.int64)
         outside = torch.zeros_like(acc, dtype=torch.bool)
         if risky.any():

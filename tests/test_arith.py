@@ -223,6 +223,20 @@ def test_requantize_float64_path_matches_reference(accs, m, t, rounding):
 
 
 @EXAMPLES
+@given(st.lists(st.tuples(INT32, Q31_MULT, st.integers(arith.SPLIT_BITS + 1, 62)), min_size=1, max_size=16),
+       st.sampled_from(["floor", "half_up", "half_away"]), st.booleans())
+def test_requantize_split_float64_path_matches_reference(rows, rounding, as_torch):
+    """Products past 2^52 (int32 accumulators, 31-bit multipliers, per-element shifts) take the split-multiplier
+    float64 path; it must give the int64 path's integers."""
+    accs, ms, ts = (np.array(c, dtype=np.int64) for c in zip(*rows))
+    assert arith._split_float64_is_exact(float(np.abs(accs).max()), ms, ts, rounding)
+    wrap = torch.from_numpy if as_torch else np.asarray
+    fast = arith._requantize_split_float64(wrap(accs.astype(np.float64)), wrap(ms), wrap(ts), rounding)
+    expected = [naive.requantize(int(a), int(m), int(t), rounding) for a, m, t in rows]
+    assert np.asarray(fast).astype(np.int64).tolist() == expected
+
+
+@EXAMPLES
 @given(st.lists(st.tuples(st.integers(-(2**20), 2**20), Q31_MULT, st.integers(31, 40)), min_size=1, max_size=16))
 def test_gemmlowp_float64_path_per_channel(rows):
     """Double rounding in one floor, with per-element shifts including r = t - 31 = 0."""

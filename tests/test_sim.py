@@ -86,6 +86,22 @@ def test_saturation_order_matters_and_is_reported():
     assert every.report[0].overflows == 1
 
 
+def test_accumulators_just_past_float32_are_exact():
+    """Products far below 2^24 with a bias that takes the sum past it: the bias goes on in float64, not float32
+    (which would round 2^24 + 1 to 2^24); the accumulators are the exact sums."""
+    from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+    from qftsim.profile import load_profile
+
+    q = TensorQuant(8, True, 0, 1.0)
+    node = Node("fc", "linear", ["x"], q, {"clamp": [-128, 127]},
+                {"weight": np.array([[1, 1]], np.int8), "bias": np.array([2**24 - 2], np.int32),
+                 "multiplier": np.array([2**30], np.int32), "shift": np.array([40], np.int32)})
+    model = IntModel(load_profile("int8-default"), [ModelInput("x", (2,), q)], [node], ["fc"])
+    x = np.array([[0, 0], [1, 0], [1, 2], [3, 0], [-1, -2]], np.int8)
+    got = simulate(model, x, keep_accumulators=True).accumulators["fc"]
+    assert got.ravel().tolist() == [2**24 - 2 + int(a) + int(b) for a, b in x]
+
+
 def test_overflow_error_names_the_layer_and_wrap_warns():
     x = np.array([[127, 127, 127]], np.int8)
     with pytest.raises(QftsimError, match="layer 'fc'.*accumulator overflow"):
