@@ -369,38 +369,64 @@ def _requantize_float64(a, m, t, rounding: str):
 SPLIT_BITS = 16
 
 
+SPLIT_ROUNDINGS = ("floor", "half_up", "half_away", "ruy", "gemmlowp_double")
+
+
 def _split_float64_is_exact(peak: float, m, t, rounding: str) -> bool:
-    """Whether `_requantize_split_float64` is exact: every intermediate an integer below 2^53."""
-    if rounding not in ("floor", "half_up", "half_away") or np.size(t) == 0:
+    """Whether `_requantize_split_float64` is exact: every intermediate an integer below 2^53 (and, for the
+    two-step roundings, no left shift or int32 wrap before the high multiply)."""
+    if rounding not in SPLIT_ROUNDINGS or np.size(t) == 0:
         return False
     t_min, t_max = int(t.min()), int(t.max())
+    if rounding in ("ruy", "gemmlowp_double") and (t_min < 31 or peak > INT32_MAX):
+        return False
     m_hi = _peak(m) // 2**SPLIT_BITS
     return t_min > SPLIT_BITS and peak < 2.0 ** (52 - SPLIT_BITS) \
         and peak * (m_hi + 2) + 2.0 ** (t_max - 1 - SPLIT_BITS) < 2.0**52
 
 
+def _rounding_constant(a, t, rounding: str):
+    """(c_pow2, c_small) with floor((a*m + c_pow2 + c_small) / 2^t) the rounded a * m * 2^-t: c_pow2 per
+    channel, 2^(t-1) or 0; c_small per element, below 2^32 in magnitude (None for 0).
+
+    ruy's two half-up steps are one: floor((floor((a*m + 2^30) / 2^31) + 2^(r-1)) / 2^r) for r = t - 31 > 0,
+    and floor((floor(z) + k) / n) = floor((z + k) / n). gemmlowp's RDBPOT is half away from zero, so it takes
+    2^31 less where the high product is negative; where a < 0 but it is 0 the floor is the same (see
+    `_requantize_float64`)."""
+    half = _exp2_neg(1 - t)  # 2^(t-1)
+    if rounding == "floor":
+        return None, None
+    if rounding == "half_up":
+        return half, None
+    if rounding == "half_away":
+        return half, -_to_float64(a < 0)
+    two_steps = _to_float64(t > 31)
+    if rounding == "ruy":
+        return half * two_steps, half * 0 + 2.0**30
+    return half * two_steps, 2.0**30 - 2.0**31 * _to_float64(a < 0) * two_steps
+
+
 def _requantize_split_float64(a, m, t, rounding: str):
-    """floor((a*m + c) / 2^t) in float64 for products past 2^52, c being the rounding's constant (2^(t-1) for
-    half_up, less [a < 0] for half_away, 0 for floor), as _requantize_int64 computes it.
+    """The integers of _requantize_int64 in float64 for products past 2^52: floor((a*m + c) / 2^t), c the
+    rounding's constant (`_rounding_constant`).
 
     With m = m_hi * 2^k + m_lo (k = SPLIT_BITS), c = c_hi * 2^k + c_lo and floor((n + f) / D) = floor(n / D)
     for an integer n, 0 <= f < 1 and an integer D >= 1, it is
     floor((a*m_hi + c_hi + floor((a*m_lo + c_lo) / 2^k)) / 2^(t-k)): each product, sum and power-of-two
     scaling exact below 2^53 (`_split_float64_is_exact`). It is several times faster than int64 with
-    per-channel shifts. c_hi joins the low sum (one pass less) where that stays below 2^53 (t <= 53)."""
+    per-channel shifts. All of c joins the low sum (one pass less) where that stays below 2^53 (t <= 52)."""
     xp = torch if _is_torch(a) else np
     a = _to_float64(a)
     m_hi, m_lo = (_to_float64(v) for v in (m >> SPLIT_BITS, m & (2**SPLIT_BITS - 1)))
-    c_hi = None if rounding == "floor" else _exp2_neg(1 + SPLIT_BITS - t)  # 2^(t-1) = c_hi * 2^k
-    c_lo = -_to_float64(a < 0) if rounding == "half_away" else None
-    if c_hi is not None and int(t.max()) <= 53:  # c_hi * 2^k joins the low sum, which stays below 2^53
-        c_lo = c_hi * 2.0**SPLIT_BITS if c_lo is None else c_lo + c_hi * 2.0**SPLIT_BITS
-        c_hi = None
+    c_pow2, c_lo = _rounding_constant(a, t, rounding)
+    if c_pow2 is not None and int(t.max()) <= 52:
+        c_lo = c_pow2 if c_lo is None else c_lo + c_pow2
+        c_pow2 = None
     low = _multiply_add(a, m_lo, c_lo)
     low *= 2.0**-SPLIT_BITS
     low = xp.floor(low, out=low)
-    if c_hi is not None:
-        low += c_hi
+    if c_pow2 is not None:
+        low += c_pow2 * 2.0**-SPLIT_BITS  # an integer: t - 1 >= k
     low = _multiply_add(a, m_hi, low, in_place=True)
     low *= _exp2_neg(t - SPLIT_BITS)
     return xp.floor(low, out=low)
