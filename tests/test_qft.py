@@ -415,3 +415,51 @@ def test_ddp_under_torchrun_with_two_gloo_processes_matches_single_process(mnist
         return float((out.argmax(1) == y_test.numpy()).mean())
 
     assert abs(accuracy(ddp) - accuracy(single)) <= 0.005
+
+
+def _whole_batch_bias_correction(qg, fg, x):
+    """The naive reference: bias correction with every sample's float64 tensors held at once."""
+    import dataclasses
+
+    from qftsim.capture import drop_dead, float_op
+    from qftsim.qgraph import _key
+
+    qg.eval()
+    last_use, env = fg.last_uses(), {}
+    with torch.no_grad():
+        for i, (n, float_ins, _) in enumerate(fg.stream(x.double())):
+            if n.kind == "input":
+                env[n.name] = qg.quantize_input(x)
+                continue
+            if n.kind in ("conv", "linear"):
+                plain = dataclasses.replace(n, act=None)
+                w = qg.int_weight(n).double() * qg.weight_scale(n).double().view(-1, *([1] * (n.weight.dim() - 1)))
+                step = (qg.act_scale(n.inputs[0]) * qg.weight_scale(n)).double()
+                approx = float_op(dataclasses.replace(plain, weight=w, bias=qg.int_bias(n).double() * step),
+                                  [qg.dequantize(n.inputs[0], env[n.inputs[0]])])
+                dims = [0] + list(range(2, approx.dim()))
+                qg.bias[_key(n.name)] += (float_op(plain, float_ins) - approx).mean(dims).float()
+            env[n.name] = qg.node_forward(n, [env[s] for s in n.inputs])
+            drop_dead(env, n, i, last_use)
+
+
+@pytest.mark.parametrize("network", ["resnet", "mobilenetv2"])
+def test_streamed_bias_correction_equals_whole_batch(network, mnist):
+    """correct_biases, streamed in chunks through segments, moves every bias as the whole-batch reference does
+    (up to float summation order), on the residual and the inverted-residual reference networks."""
+    import copy
+
+    from qftsim.profile import load_profile
+    from qftsim.qft import QftConfig, correct_biases, initialize
+
+    x = mnist[0][:100]  # not a multiple of the chunk: the last chunk is short
+    fg = capture(reference_network(network), x)
+    qg = initialize(fg, load_profile("npu-a8w4"), x, "rtn", QftConfig(progress=False))
+    streamed, whole = copy.deepcopy(qg), copy.deepcopy(qg)
+    correct_biases(streamed, streamed.fg, x)
+    _whole_batch_bias_correction(whole, whole.fg, x)
+    moved = 0
+    for key, bias in whole.bias.items():
+        assert torch.allclose(streamed.bias[key], bias, rtol=1e-5, atol=1e-6), key
+        moved += int((bias != qg.bias[key]).any())
+    assert moved == len(whole.bias)
