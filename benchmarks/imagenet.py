@@ -28,7 +28,6 @@ import argparse
 import csv
 import platform
 import resource
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -167,7 +166,6 @@ def exactness_check(qg, model, pixels: np.ndarray, simulated: torch.Tensor, targ
     said = "eval-mode == simulator"
     if target is None:
         return said
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import export
 
     compiled = export.compile_model(model, target)
@@ -233,6 +231,7 @@ def main(argv=None):
           f"{float_scores['agree']:6.3f} {0.0:7.4f}", flush=True)
     methods = args.methods.split(",") + ([f"qft-freeze-{g}" for g in DOF_GROUPS] if args.ablations else [])
     loss_layers = block_outputs(net, args.block_loss)
+    calib_input = as_input(calib)
     for profile in profiles:
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.crops, "loss": "kl",
@@ -241,7 +240,7 @@ def main(argv=None):
             if method.startswith("qft-freeze-"):
                 knobs["freeze"] = (method[len("qft-freeze-"):],)
             clock = time.perf_counter()
-            qg, report = quantize_graph(net, as_input(calib), profile, "qft" if method.startswith("qft") else method,
+            qg, report = quantize_graph(net, calib_input, profile, "qft" if method.startswith("qft") else method,
                                         teacher_outputs=teacher_calib, **knobs)
             model = qg.integerize()
             seconds = time.perf_counter() - clock

@@ -620,12 +620,13 @@ def _check_mean(node, profile, in_shapes, in_quants):
     if m.shape != (1,) or t.shape != (1,):
         raise _err(node, f"multiplier and shift must have shape (1,), got {m.shape} and {t.shape}")
     _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
-    if shape[1] * shape[2] * _max_abs_centered(in_quants[0]) > arith.INT32_MAX:
+    if shape[1] * shape[2] * max_abs_centered(in_quants[0]) > arith.INT32_MAX:
         raise _err(node, f"a sum over {shape[1]} x {shape[2]} values could leave int32")
     return (shape[0],)
 
 
-def _max_abs_centered(q: TensorQuant) -> int:
+def max_abs_centered(q: TensorQuant) -> int:
+    """The largest |value - zero point| of the tensor's integer range."""
     return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qftsim.capture import FGraph, FNode, capture, drop_dead, float_op, set_eval_mode
+from qftsim.capture import FGraph, FNode, capture, float_op, set_eval_mode
 from qftsim.errors import QftsimError
 from qftsim.profile import HardwareProfile, load_profile
 from qftsim.qgraph import DOF_GROUPS, QGraph, _key, equalization_pairs
@@ -419,9 +419,9 @@ def _correct_bias(qg: QGraph, n: FNode, before: list[FNode], real: dict, exact: 
         part = slice(start, start + BIAS_CORRECTION_CHUNK)
         real_env = {name: t[part].double() for name, t in real.items()}
         exact_env = {name: t[part].double() for name, t in exact.items()}
-        for m in before:
-            real_env[m.name] = float_op(m, [real_env[s] for s in m.inputs])
-            exact_env[m.name] = qg.node_forward(m, [exact_env[s] for s in m.inputs])
+        if before:
+            _segment_output(before, real_env, float_op)
+            _segment_output(before, exact_env, qg.node_forward)
         real_in = qg.dequantize(n.inputs[0], exact_env[n.inputs[0]])
         difference = float_op(plain, [real_env[n.inputs[0]]]) - float_op(quantized, [real_in])
         error = error + difference.sum([0] + list(range(2, difference.dim())))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
+from qftsim.intmodel import IntModel, Node, TensorQuant, max_abs_centered, node_arithmetic
 
 
 class AccumulatorOverflowWarning(RuntimeWarning):
@@ -191,10 +191,6 @@ def _float_dtype_for(bound: int) -> torch.dtype | None:
     return None
 
 
-def _max_abs_centered(q: TensorQuant) -> int:
-    return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
-
-
 @dataclass
 class _MatmulConstants:
     """A conv's or linear's arrays as int64 tensors, with the sums over each weight row, prepared once per run."""
@@ -203,14 +199,19 @@ class _MatmulConstants:
     multiplier: torch.Tensor
     shift: torch.Tensor
     row_sums: torch.Tensor
-    l1: int  # the largest row sum of |w|: every partial sum, in any order, is at most this times max |input|
+    abs_row_sums: torch.Tensor
 
     @classmethod
     def of(cls, node: Node) -> _MatmulConstants:
         weight, bias, m, t = (torch.from_numpy(node.arrays[k].astype(np.int64))
                               for k in ("weight", "bias", "multiplier", "shift"))
         rows = weight.reshape(len(weight), -1)
-        return cls(weight, bias, m, t, rows.sum(dim=1), int(rows.abs().sum(dim=1).max()) if rows.numel() else 0)
+        return cls(weight, bias, m, t, rows.sum(dim=1), rows.abs().sum(dim=1))
+
+    @property
+    def l1(self) -> int:
+        """The largest row sum of |w|: every partial sum, in any order, is at most this times max |input|."""
+        return int(self.abs_row_sums.max()) if self.abs_row_sums.numel() else 0
 
 
 class _Simulator:
@@ -291,7 +292,7 @@ class _Simulator:
         by itself) or where every MAC saturates (the partial sums are the arithmetic there); else the middle of
         the input's range, which halves the products' bound where the zero point sits at one end (a ReLU's
         output)."""
-        if self.profile.accumulator.saturate_at == "every_mac" or l1 * _max_abs_centered(q) < 2**24 and padded:
+        if self.profile.accumulator.saturate_at == "every_mac" or l1 * max_abs_centered(q) < 2**24 and padded:
             return q.zero_point
         return (q.qmin + q.qmax + 1) // 2
 
@@ -371,8 +372,7 @@ class _Simulator:
         (`centered`: the input less its zero point, at most `in_peak` in magnitude)."""
         lo, hi = self.profile.accumulator.range
         abs_w, bias = c.weight.abs(), c.bias
-        row_l1 = abs_w.reshape(abs_w.shape[0], -1).sum(dim=1)
-        if int((row_l1 * in_peak + bias.abs()).max()) <= hi:
+        if int((c.abs_row_sums * in_peak + bias.abs()).max()) <= hi:
             return exact, None  # no partial sum can leave the range (e.g. an A2Q-bounded layer)
         risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_w, c.l1, bias.abs(), in_peak)[0] > hi
         acc = exact.to(torch.int64)
@@ -436,7 +436,7 @@ class _Simulator:
         a = node.attrs
         kh, kw = a["kernel"]
         pt, pl, pb, pr = a["padding"]
-        dtype = _float_dtype_for(kh * kw * _max_abs_centered(q)) or torch.float64
+        dtype = _float_dtype_for(kh * kw * max_abs_centered(q)) or torch.float64
 
         def window_sum(t):
             padded = F.pad(t.to(dtype), (pl, pr, pt, pb))
