@@ -43,7 +43,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for p in images[:args.calibration]:
             (Path(tmp) / p.name).symlink_to(p.resolve())
-        calibration = load_calibration(tmp, 256, 224, mean=(0.5,) * 3, std=(0.5,) * 3).numpy()
+        calibration = load_calibration(tmp, 256, 224, mean=(0.5,) * 3, std=(0.5,) * 3)[:].numpy()
     net = efficientnet_lite0()
     float_path = Path(args.output).with_suffix(".float.tflite")
     litert_torch.convert(net, (torch.zeros(1, 3, 224, 224),)).export(str(float_path))

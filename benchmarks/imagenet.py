@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from qftsim.efficientnet import VARIANTS, efficientnet_lite
-from qftsim.qft import quantize_graph
+from qftsim.qft import CalibrationSet, quantize_graph
 from qftsim.qgraph import DOF_GROUPS
 from qftsim.sim import simulate
 
@@ -104,9 +104,9 @@ def random_crops(images: list[Image.Image], count: int, crop: int, seed: int,
     return out
 
 
-def as_input(pixels: np.ndarray) -> torch.Tensor:
+def as_input(pixels) -> torch.Tensor:
     """uint8 (N, H, W, 3) to the network's (N, 3, H, W) floats in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -231,7 +231,7 @@ def main(argv=None):
           f"{float_scores['agree']:6.3f} {0.0:7.4f}", flush=True)
     methods = args.methods.split(",") + ([f"qft-freeze-{g}" for g in DOF_GROUPS] if args.ablations else [])
     loss_layers = block_outputs(net, args.block_loss)
-    calib_input = as_input(calib)
+    calib_input = CalibrationSet(calib, as_input)  # converted a batch at a time
     for profile in profiles:
         for method in methods:
             knobs = {"progress": False, "epochs": args.epochs, "dataset_size": args.crops, "loss": "kl",

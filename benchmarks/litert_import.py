@@ -53,7 +53,7 @@ def load(paths: list[Path]) -> np.ndarray:
         with tempfile.TemporaryDirectory() as tmp:
             for j, p in enumerate(paths[i:i + 50]):
                 (Path(tmp) / f"{j:03d}{p.suffix}").symlink_to(p.resolve())
-            chunks.append(load_calibration(tmp, 256, 224, mean=(0.5,) * 3, std=(0.5,) * 3).numpy())
+            chunks.append(load_calibration(tmp, 256, 224, mean=(0.5,) * 3, std=(0.5,) * 3)[:].numpy())
     return np.concatenate(chunks)
 
 

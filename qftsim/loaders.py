@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pickle
 import warnings
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from qftsim.errors import QftsimError
+from qftsim.qft import CalibrationSet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -76,11 +78,11 @@ def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
 
 def load_calibration(path: str | Path, size: int | None = None, crop: int | None = None,
                      mean=(0.0,), std=(1.0,), channels: int = 3, key: str | None = None,
-                     progress: bool = False) -> torch.Tensor:
-    """A float batch from .npy, .npz (its only array, or `key`) or a folder of images.
+                     progress: bool = False) -> torch.Tensor | CalibrationSet:
+    """A float batch from .npy or .npz (its only array, or `key`), or a folder of images as a CalibrationSet.
 
-    Images are resized (shorter side to `size`), center-cropped to `crop`,
-    scaled to [0, 1], normalized by per-channel `mean` and `std`, CHW; `progress` shows a bar over them.
+    Images are resized (shorter side to `size`), center-cropped to `crop`, and held as uint8 CHW; the set's
+    batches are scaled to [0, 1] and normalized by per-channel `mean` and `std`. `progress` shows a bar over them.
     """
     path = Path(path)
     if not path.exists():
@@ -114,7 +116,7 @@ def first_sample(path: str | Path, size: int | None = None, crop: int | None = N
     path = Path(path)
     if path.is_dir():
         files = _image_files(path)
-        return _load_images(path, size, crop, mean, std, channels, files[:1])
+        return _load_images(path, size, crop, mean, std, channels, files[:1])[:]
     if path.suffix == ".npy" and path.is_file():
         try:
             head = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
@@ -134,7 +136,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load_images(folder: Path, size, crop, mean, std, channels, files: list[Path] | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False) -> CalibrationSet:
     try:
         from PIL import Image
     except ImportError:
@@ -165,12 +167,15 @@ def _load_images(folder: Path, size, crop, mean, std, channels, files: list[Path
                 raise QftsimError(f"{file}: {image.size} is smaller than the crop {crop} (use --resize)")
             left, top = (image.width - crop) // 2, (image.height - crop) // 2
             image = image.crop((left, top, left + crop, top + crop))
-        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = np.asarray(image)
         batch.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     shapes = {a.shape for a in batch}
     if len(shapes) != 1:
         raise QftsimError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; use --resize and --crop")
-    data = np.stack(batch)
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return torch.from_numpy((data - m) / s)
+    return CalibrationSet(np.stack(batch), functools.partial(_normalized, mean=torch.tensor(mean).view(1, -1, 1, 1),
+                                                             std=torch.tensor(std).view(1, -1, 1, 1)))
+
+
+def _normalized(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to [0, 1], then (x - mean) / std per channel, in float32."""
+    return (pixels.float() / 255.0 - mean) / std

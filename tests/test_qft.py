@@ -295,6 +295,20 @@ def test_calibration_data_forms(mnist):
     assert a.to_bytes() == b.to_bytes() == c.to_bytes()
 
 
+def test_a_calibration_set_trains_as_its_float_inputs(mnist):
+    """Samples held as uint8 and converted a batch at a time give the bytes of their float inputs held whole,
+    through every stage of QFT (the search, bias correction, block reconstruction, finetuning, the report)."""
+    from qftsim.qft import CalibrationSet
+
+    pixels = (mnist[0][:96] * 50 + 100).round().clamp(0, 255).to(torch.uint8)
+    to_input = lambda p: (p.float() - 100) / 50  # noqa: E731
+    knobs = {"epochs": 1, "batch_size": 32, "reconstruction_steps": 2, "progress": False}
+    net = reference_network("mobilenetv2")
+    held, _ = quantize(net, to_input(pixels), "npu-a8w4", **knobs)
+    streamed, _ = quantize(net, CalibrationSet(pixels.numpy(), to_input), "npu-a8w4", **knobs)
+    assert held.to_bytes() == streamed.to_bytes()
+
+
 @pytest.mark.parametrize("profile", ["int8-default", "npu-a8w4"])
 def test_dead_channel_keeps_its_bias(profile):
     """A channel with all-zero weights outputs its bias: the weight step must leave the bias representable."""
