@@ -226,6 +226,11 @@ class CalibrationSet:
         self.samples = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples
         self.transform = transform
 
+    @staticmethod
+    def of(data) -> CalibrationSet:
+        """`data` itself if it is a CalibrationSet, else a tensor's or an ndarray's samples as inputs (unchecked)."""
+        return data if isinstance(data, CalibrationSet) else CalibrationSet(data)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -252,9 +257,9 @@ class CalibrationSet:
 def calibration_set(data, limit: int | None = None) -> CalibrationSet:
     """A CalibrationSet of (at most `limit`) samples from a CalibrationSet, a tensor, an ndarray or an iterable of
     batches; rejects empty or non-finite data."""
-    if isinstance(data, (np.ndarray, torch.Tensor)):
-        data = CalibrationSet(data)
-    elif not isinstance(data, CalibrationSet):
+    if isinstance(data, (np.ndarray, torch.Tensor, CalibrationSet)):
+        data = CalibrationSet.of(data)
+    else:
         try:
             batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
         except TypeError:
@@ -504,11 +509,11 @@ def evaluate_loss(qg: QGraph, data: CalibrationSet, teacher: torch.Tensor, cfg: 
 
 
 def finetune(qg: QGraph, data, teacher: torch.Tensor, cfg: QftConfig) -> list[float]:
-    """Train every unfrozen DoF group jointly (Adam, cosine schedule) on `data` (calibration_set's inputs);
+    """Train every unfrozen DoF group jointly (Adam, cosine schedule) on `data` (a CalibrationSet or a tensor);
     returns the loss per step."""
     import torch.distributed as dist
 
-    data = calibration_set(data)
+    data = CalibrationSet.of(data)
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:  # data parallel: each rank trains on its shard, gradients are averaged
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -594,7 +599,7 @@ def reconstruct_blocks(qg: QGraph, data, cfg: QftConfig) -> list[dict]:
     device = torch.device(cfg.device)
     nodes = qg.fg.nodes
     qg.eval()
-    data = calibration_set(data)
+    data = CalibrationSet.of(data)
     with torch.no_grad():
         exact = {nodes[0].name: torch.cat([qg.quantize_input(b).float() for b in data.batches(64)])}
     real = {nodes[0].name: data[:]}
