@@ -3,7 +3,9 @@
 Every function is vectorized and takes numpy integer arrays or torch tensors
 (int64, or float tensors holding integers, as the trainer and simulator
 use); the result has the input's type and dtype, except that float tensors
-come back as float64, which holds every result exactly. Internally everything runs in int64, which is
+come back as float64, which holds every result exactly (a float32-scheme
+requantization's as float32, the type it computes in: a conversion pass less
+where the simulator holds float32). Internally everything runs in int64, which is
 exact under the limits the profile validator enforces (|acc| < 2^31,
 multiplier < 2^31, right shift <= 62, left shift bounded by 31 - bits).
 
@@ -185,7 +187,8 @@ def rdbpot(x, exponent):
 FLOAT_SCHEMES = {"float32": (np.float32, torch.float32, 24), "float64": (np.float64, torch.float64, 53)}
 
 
-def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = None, scheme: str = "fixed_point"):
+def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | torch.Tensor | None = None,
+               scheme: str = "fixed_point"):
     """acc * multiplier * 2^-shift rounded to an integer exactly as the profile's rounding says.
 
     `multiplier` and `shift` broadcast against `acc` (per-channel requant).
@@ -205,22 +208,26 @@ def requantize(acc, multiplier, shift, rounding: str, acc_peak: float | None = N
     so that (fast) path computes the same integers; for wider products the
     multiplier is split in two 16-bit-apart halves, each product exact in
     float64 (`_requantize_split_float64`); int64 serves the rest.
-    `acc_peak` is max |acc| where the caller already knows it (saves a pass).
+    `acc_peak` bounds |acc| where the caller already knows it (saves a pass): one number, or per channel
+    (broadcasting against `multiplier`), which lets the channels of small products take the float64 path.
     """
     m = _to_int64(multiplier, like=acc)
     t = _to_int64(shift, like=acc)
     if scheme in FLOAT_SCHEMES:
-        return _restore(_requantize_float(acc, m, t, scheme, rounding), acc)
+        y = _requantize_float(acc, m, t, scheme, rounding)
+        return y if _is_torch(acc) and acc.is_floating_point() else _restore(y, acc)
     if not _is_expr(acc):
-        peak = _peak(acc) if acc_peak is None else acc_peak
-        if _float64_is_exact(peak, m, t, rounding):
+        bound = _peak(acc) if acc_peak is None else acc_peak
+        wide = _float64_wide(bound, m, t, rounding)
+        if wide is not True and not bool(wide.any()):
             return _restore(_requantize_float64(acc, m, t, rounding), acc)
-        if _split_float64_is_exact(peak, m, t, rounding):
-            return _restore(_requantize_split_float64(acc, m, t, rounding), acc)
+        if _split_float64_is_exact(_peak(bound), m, t, rounding):
+            apart = None if wide is True else _requantize_channels_apart(acc, m, t, rounding, wide)
+            return _restore(_requantize_split_float64(acc, m, t, rounding) if apart is None else apart, acc)
     return _restore(_requantize_int64(_to_int64(acc), m, t, rounding), acc)
 
 
-def requantize_channels(acc, multiplier, shift, op, channels: int, acc_peak: float | None = None):
+def requantize_channels(acc, multiplier, shift, op, channels: int, acc_peak: float | torch.Tensor | None = None):
     """`requantize` by an op's arithmetic (a profile.OpArithmetic) for an accumulator of `channels` output
     channels on axis 1 (`multiplier` and `shift` already shaped to broadcast): its scheme and rounding,
     and where it rounds the channels past its last whole block of op.channel_block apart, their rounding."""
@@ -240,18 +247,22 @@ def _select(mask: np.ndarray, a, b):
     return _where(torch.from_numpy(mask) if _is_torch(b) else mask, a, b)
 
 
-def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: int, op, element_shape):
+def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: int, op, element_shape,
+                    peaks=None):
     """An add's output integers before its zero point: each of `terms` (the centred, left-shifted inputs)
     rescaled by its (multiplier, shift), the sum requantized by (out_multiplier, out_shift), all rounded by
     op.rounding; where op.element_block is set, the elements past the last whole block of that many (in
     TFLite's NHWC order of one sample of `element_shape`, (C, H, W) or (F,)) by op.tail_rounding, as a
-    vector kernel with a scalar remainder loop does."""
+    vector kernel with a scalar remainder loop does. `peaks`: bounds on each term's |value| where the caller
+    knows them (each requantization then skips its pass for the peak)."""
     def rounded(rounding):
-        total = None
-        for v, m, t in zip(terms, multipliers, shifts):
-            term = requantize(v, m, t, rounding)
+        total, bound = None, None if peaks is None else 0.0
+        for i, (v, m, t) in enumerate(zip(terms, multipliers, shifts)):
+            term = requantize(v, m, t, rounding, None if peaks is None else peaks[i])
             total = term if total is None else total + term
-        return requantize(total, out_multiplier, out_shift, rounding)
+            if peaks is not None:  # a rounding moves a value by at most 1
+                bound += peaks[i] * m * 2.0**-t + 1
+        return requantize(total, out_multiplier, out_shift, rounding, bound)
 
     y = rounded(op.rounding)
     size = int(np.prod(element_shape))
@@ -285,7 +296,7 @@ def _requantize_float(acc, m, t, scheme: str, rounding: str):
     factor = _to_float64(m) * _exp2_neg(t)
     if _is_torch(acc):
         w = acc.to(torch_dtype) * factor.to(torch_dtype)
-        return round_real_exact(w, rounding).to(torch.float64)
+        return round_real_exact(w, rounding)
     w = np.asarray(acc).astype(np_dtype) * np.asarray(factor).astype(np_dtype)
     return round_real_exact(w, rounding).astype(np.float64)
 
@@ -328,14 +339,30 @@ def _peak(x) -> float:
     return float(np.abs(x).max()) if x.size else 0.0
 
 
-def _float64_is_exact(acc, m, t, rounding: str) -> bool:
-    peak, m_peak = _peak(acc), _peak(m)
-    if peak * m_peak >= 2.0**52:
-        return False
-    if rounding == "ruy":
-        return False  # two half-up roundings: the int64 path
-    # gemmlowp's int32 left shift (t < 31) and its wrap stay on the int64 path
-    return rounding != "gemmlowp_double" or (bool((t >= 31).all()) and peak <= INT32_MAX)
+def _float64_wide(bound, m, t, rounding: str):
+    """Where `_requantize_float64` is not exact: a boolean per multiplier (|acc| * m >= 2^52; `bound` bounds
+    |acc|, as one number or per multiplier), or True where it is exact for none (ruy's two half-up roundings;
+    gemmlowp's int32 left shift for t < 31 and its wrap take the int64 path)."""
+    if rounding == "ruy" or rounding == "gemmlowp_double" and not (bool((t >= 31).all()) and _peak(bound) <= INT32_MAX):
+        return True
+    return _to_float64(m) * bound >= 2.0**52
+
+
+def _requantize_channels_apart(acc, m, t, rounding: str, wide):
+    """The float64 path, with the channels where it is not exact (`wide`, one axis of acc's shape) redone by
+    the split path: a layer with a few channels of wide products (a dead channel's large bias) keeps the
+    fast path for the rest. None where `wide` is not along one axis."""
+    long_axes = [i for i, n in enumerate(wide.shape) if n > 1]
+    if not _is_torch(acc) or wide.dim() != acc.dim() or len(long_axes) != 1:
+        return None
+    axis = long_axes[0]
+    index = torch.nonzero(wide.flatten()).flatten()
+
+    def pick(v):  # the wide channels of acc, m or t (a multiplier shared by all channels as it is)
+        return v.index_select(axis, index) if _is_torch(v) and v.dim() == acc.dim() and v.shape[axis] > 1 else v
+
+    y = _requantize_float64(acc, m, t, rounding)
+    return y.index_copy_(axis, index, _requantize_split_float64(pick(acc), pick(m), pick(t), rounding))
 
 
 def _requantize_float64(a, m, t, rounding: str):
@@ -350,20 +377,22 @@ def _requantize_float64(a, m, t, rounding: str):
         # for r = t - 31 >= 1 (hi itself for r = 0). floor((floor(z) + k) / n) = floor((z + k) / n) for
         # integers k, n, so both steps are one floor of (u + 1/2 + 2^(r-1) - [hi < 0]) / 2^r. Where a < 0
         # but hi = 0 (u in [-1/2, 0)) the floor is the same with the correction, so [hi < 0] becomes
-        # [a < 0] = (1 - s) / 2 with s = copysign(1, a * m): m >= 0, and a zero product is -0.0 exactly
-        # when a < 0. One copysign on the product, no per-element branch.
+        # [a < 0] = (1 - s) / 2 with s = copysign(1, a) (a zero a of either sign floors the same). One
+        # copysign, no per-element branch.
         r = t - 31
         scale = _exp2_neg(r)
         shifts = r > 0
         half_correction = _where(shifts, 0.5 * scale, 0.0 * scale)
         offset = (0.5 + _where(shifts, _exp2_neg(1 - r), 0.0 * scale)) * scale - half_correction
-        w = _float64_product(a, _to_float64(m) * 2.0**-31 * scale)
-        signed_correction = xp.copysign(half_correction, w)
-        w += offset
-        w += signed_correction
+        w = _float64_product(a, _to_float64(m) * 2.0**-31 * scale, plus=offset)
+        w += xp.copysign(half_correction, a)
         return xp.floor(w, out=w)
     # m * 2^-t is exact in float64, and so is its product with a (< 2^52 significant bits)
-    return _round_float64(_float64_product(a, _to_float64(m) * _exp2_neg(t)), rounding)
+    factor = _to_float64(m) * _exp2_neg(t)
+    if rounding == "half_up":  # the half joins the product's pass
+        w = _float64_product(a, factor, plus=0.5)
+        return xp.floor(w, out=w)
+    return _round_float64(_float64_product(a, factor), rounding)
 
 
 SPLIT_BITS = 16
@@ -441,13 +470,23 @@ def _multiply_add(a, b, c=None, in_place=False):
     return a * b if c is None else a * b + c
 
 
-def _float64_product(a, factor):
-    """a * factor as a fresh float64 array of a's and factor's broadcast shape."""
+def _float64_product(a, factor, plus=None):
+    """a * factor (+ plus) as a fresh float64 array of a's and factor's broadcast shape: one pass where a is
+    float64 (torch's mixed-type kernels are several times slower than a conversion and in-place ops)."""
     if _is_torch(a):
-        if torch.broadcast_shapes(a.shape, factor.shape) == a.shape:
-            return a.to(torch.float64, copy=True).mul_(factor)  # in place on a fresh copy: fastest here
-        return a.to(torch.float64) * factor
-    return np.asarray(np.asarray(a) * factor, dtype=np.float64)
+        if a.dtype == torch.float64 and torch.broadcast_shapes(a.shape, factor.shape) == a.shape:
+            return a * factor if plus is None else torch.addcmul(_as_float64(plus, a), a, factor)
+        w = a.to(torch.float64, copy=True).mul_(factor)
+        return w if plus is None else w.add_(plus)
+    w = np.array(np.asarray(a) * factor, dtype=np.float64)
+    if plus is not None:
+        w += plus
+    return w
+
+
+def _as_float64(x, like):
+    """x (a number or float64 tensor) as a float64 tensor on like's device."""
+    return x if _is_torch(x) else torch.tensor(float(x), dtype=torch.float64, device=like.device)
 
 
 def _exp2_neg(t):

@@ -336,7 +336,7 @@ class QGraph(nn.Module):
             return round_like_ste(v * real_factor, op.rounding)
         shape = (1, -1) + (1,) * (v.dim() - 2) if m.size > 1 else (1,) * v.dim()
         return arith.requantize_channels(v, torch.from_numpy(m).view(shape), torch.from_numpy(t).view(shape), op,
-                                         v.shape[1] if v.dim() > 1 else 1)
+                                         v.shape[1] if v.dim() > 1 else 1).to(torch.float64)
 
     def _matmul(self, n: FNode, xs):
         (x,) = xs

@@ -87,8 +87,9 @@ def format_report(report: list[LayerReport]) -> str:
 
 # a chunk of samples holds at most about this many bytes in its largest layer (float64 accumulators,
 # their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples: 4.5 GiB
-# whole, 0.56 GiB in chunks; benchmarks/sim_memory.py). Small chunks are also faster: they stay in cache
-CHUNK_BYTES = 64 * 2**20
+# whole, 0.56 GiB in chunks; benchmarks/sim_memory.py). Chunks of this size were the fastest on EfficientNet-Lite0
+# at 224x224 (5 samples; 1 and 2 were 10-40% slower, from per-op overhead)
+CHUNK_BYTES = 128 * 2**20
 
 
 def simulate(model: IntModel, inputs, *, keep_tensors: bool = False, keep_accumulators: bool = False,
@@ -200,6 +201,7 @@ class _MatmulConstants:
     shift: torch.Tensor
     row_sums: torch.Tensor
     abs_row_sums: torch.Tensor
+    casts: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, node: Node) -> _MatmulConstants:
@@ -207,6 +209,12 @@ class _MatmulConstants:
                               for k in ("weight", "bias", "multiplier", "shift"))
         rows = weight.reshape(len(weight), -1)
         return cls(weight, bias, m, t, rows.sum(dim=1), rows.abs().sum(dim=1))
+
+    def weight_as(self, dtype: torch.dtype, absolute: bool = False) -> torch.Tensor:
+        """The weight (or |weight|) as `dtype`, converted once per run rather than once per chunk."""
+        if (dtype, absolute) not in self.casts:
+            self.casts[dtype, absolute] = (self.weight.abs() if absolute else self.weight).to(dtype)
+        return self.casts[dtype, absolute]
 
     @property
     def l1(self) -> int:
@@ -251,8 +259,8 @@ class _Simulator:
         def padded(inp):
             return F.pad(inp, (conv_padding[1],) * 2 + (conv_padding[0],) * 2) if any(conv_padding) else inp
 
-        def matmul(inp, weight, dtype):
-            return F.conv2d(inp.to(dtype), weight.to(dtype), stride=a["stride"], padding=conv_padding,
+        def matmul(inp, weight):
+            return F.conv2d(inp.to(weight.dtype), weight, stride=a["stride"], padding=conv_padding,
                             dilation=a["dilation"], groups=a["groups"])
 
         def int64_matmul(inp, weight):
@@ -269,8 +277,8 @@ class _Simulator:
         offset = self._input_offset(q, c.l1, False)
         shifted = x - offset if offset else x
 
-        def matmul(inp, weight, dtype):
-            return inp.to(dtype) @ weight.to(dtype).T
+        def matmul(inp, weight):
+            return inp.to(weight.dtype) @ weight.T
 
         def int64_matmul(inp, weight):
             return inp @ weight.T
@@ -296,7 +304,7 @@ class _Simulator:
             return q.zero_point
         return (q.qmin + q.qmax + 1) // 2
 
-    def _exact_accumulate(self, matmul, int64_matmul, inp, weight, l1: int, bias, in_peak: int):
+    def _exact_accumulate(self, matmul, int64_matmul, inp, weight_as, l1: int, bias, in_peak: int):
         """(bias + inp (x) weight, its min, its max) exactly: in float32 or float64 where the bound allows,
         else int64.
 
@@ -305,16 +313,16 @@ class _Simulator:
         Where float32 is too narrow for the products but float64 is not, the input is split into high and low
         halves (inp = high * 2^s + low): two float32 products, each exact, summed in float64. float32
         convolutions are several times faster than float64 ones on CPU. `l1`: the largest row sum of
-        |weight|; `in_peak`: max |inp|."""
+        |weight|; `in_peak`: max |inp|; `weight_as(dtype)`: the weight as that type."""
         channel_shape = (1, -1) + (1,) * (inp.dim() - 2)
         products = l1 * in_peak  # bounds every partial sum, in any order
         bias = bias.view(channel_shape)
         bias_peak = int(bias.abs().max()) if bias.numel() else 0
         dtype = _float_dtype_for(products + bias_peak)
         if dtype is None:
-            acc = int64_matmul(inp.to(torch.int64), weight).add_(bias)
+            acc = int64_matmul(inp.to(torch.int64), weight_as(torch.int64)).add_(bias)
         elif products < 2**24:
-            acc = matmul(inp, weight, torch.float32)
+            acc = matmul(inp, weight_as(torch.float32))
             if bias_peak < 2**24:
                 exact = acc.add(bias.to(torch.float32))
                 lo, hi = _min_max(exact)
@@ -324,10 +332,10 @@ class _Simulator:
         elif l1 * max(2 ** (s := (in_peak.bit_length() + 1) // 2) - 1, (in_peak >> s) + 1) < 2**24:
             low = torch.remainder(inp, 2**s)
             high = (inp - low).mul_(2.0**-s)
-            acc = matmul(high, weight, torch.float32).to(torch.float64).mul_(2**s)
-            acc.add_(matmul(low, weight, torch.float32)).add_(bias.to(torch.float64))
+            acc = matmul(high, weight_as(torch.float32)).to(torch.float64).mul_(2**s)
+            acc.add_(matmul(low, weight_as(torch.float32))).add_(bias.to(torch.float64))
         else:
-            acc = matmul(inp, weight, dtype).add_(bias.to(dtype))
+            acc = matmul(inp, weight_as(dtype)).add_(bias.to(dtype))
         return (acc, *_min_max(acc))
 
     def _matmul_layer(self, node, shifted, offset, c: _MatmulConstants, q_in, matmul, int64_matmul, terms):
@@ -338,8 +346,9 @@ class _Simulator:
         lo, hi = acc_spec.range
         channel_shape = (1, -1) + (1,) * (shifted.dim() - 2)
         in_peak = max(q_in.qmax - offset, offset - q_in.qmin)
-        exact, acc_min, acc_max = self._exact_accumulate(matmul, int64_matmul, shifted, c.weight, c.l1,
-                                                         c.bias + (offset - q_in.zero_point) * c.row_sums, in_peak)
+        bias = c.bias + (offset - q_in.zero_point) * c.row_sums
+        exact, acc_min, acc_max = self._exact_accumulate(matmul, int64_matmul, shifted, c.weight_as, c.l1, bias,
+                                                         in_peak)
         rep = LayerReport(node.name, node.op, exact.numel(), acc_spec.bits, acc_min, acc_max)
         in_range = lo <= acc_min and acc_max <= hi
         outside = None if in_range else (exact < lo) | (exact > hi)
@@ -359,7 +368,9 @@ class _Simulator:
         if self.keep_accumulators:
             self.accumulators[node.name] = acc.numpy().astype(np.int32 if acc_spec.bits <= 32 else np.int64)
         m, t = c.multiplier.view(channel_shape), c.shift.view(channel_shape)
-        peak = max(-acc_min, acc_max) if outside is None else None
+        # |acc| per channel: at most its row's |w| sum times the input's peak plus |bias|, and the layer's peak
+        peak = None if outside is not None else \
+            (c.abs_row_sums * in_peak + bias.abs()).clamp_(max=max(-acc_min, acc_max)).view(channel_shape).double()
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
         op = node_arithmetic(node, self.profile)
@@ -371,10 +382,12 @@ class _Simulator:
         """Saturate after every MAC: sequential only where |bias| + sum |products| can leave the range
         (`centered`: the input less its zero point, at most `in_peak` in magnitude)."""
         lo, hi = self.profile.accumulator.range
-        abs_w, bias = c.weight.abs(), c.bias
+        bias = c.bias
         if int((c.abs_row_sums * in_peak + bias.abs()).max()) <= hi:
             return exact, None  # no partial sum can leave the range (e.g. an A2Q-bounded layer)
-        risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_w, c.l1, bias.abs(), in_peak)[0] > hi
+        abs_weight_as = lambda dtype: c.weight_as(dtype, absolute=True)  # noqa: E731
+        risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_weight_as, c.l1, bias.abs(),
+                                       in_peak)[0] > hi
         acc = exact.to(torch.int64)
         outside = torch.zeros_like(acc, dtype=torch.bool)
         if risky.any():
@@ -396,17 +409,18 @@ class _Simulator:
     def _apply_clamp(self, node, y, rep):
         """The fused output clamp (in place on `y`, which the caller owns), counting values it cut."""
         lo, hi = node.attrs["clamp"]
-        y_min, y_max = (float(v) for v in torch.aminmax(y)) if y.numel() else (lo, hi)
-        rep.clamp_low = int(torch.count_nonzero(y < lo)) if y_min < lo else 0
-        rep.clamp_high = int(torch.count_nonzero(y > hi)) if y_max > hi else 0
+        values = y.numpy()  # numpy's comparisons and counts are several times faster than torch's here
+        rep.clamp_low, rep.clamp_high = np.count_nonzero(values < lo), np.count_nonzero(values > hi)
         self.report.append(rep)
         return y.clamp_(lo, hi)
 
     def _add(self, node, xs, in_quants):
         a = node.attrs
-        terms = [(x.to(torch.float64) - q.zero_point) * 2.0 ** a["left_shift"] for x, q in zip(xs, in_quants)]
+        scale = 2.0 ** a["left_shift"]  # (x - zero point) * 2^left_shift is exact in float32: at most 2^31
+        terms = [(x - q.zero_point).mul_(scale) for x, q in zip(xs, in_quants)]
         y = arith.add_requantized(terms, a["input_multipliers"], a["input_shifts"], a["multiplier"], a["shift"],
-                                  node_arithmetic(node, self.profile), self.model.shapes[node.name])
+                                  node_arithmetic(node, self.profile), self.model.shapes[node.name],
+                                  peaks=[max_abs_centered(q) * scale for q in in_quants])
         y = y + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 

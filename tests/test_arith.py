@@ -17,14 +17,15 @@ EXAMPLES = settings(max_examples=400, deadline=None)
 SHIFT_MODES = [r for r in ROUNDING_MODES if r not in ("gemmlowp_double", "ruy")]  # two-step roundings
 
 
-def _three_ways(fn, values, *args):
-    """fn on numpy int64, torch int64 and torch float64 (integer-valued where exact)."""
+def _three_ways(fn, values, *args, float_dtype=torch.float64):
+    """fn on numpy int64, torch int64 and torch float64 (integer-valued where exact; `float_dtype` the type
+    the float result comes in)."""
     np_out = fn(np.array(values, dtype=np.int64), *args)
     t_out = fn(torch.tensor(values, dtype=torch.int64), *args)
     assert np.array_equal(np_out, t_out.numpy())
     if all(abs(int(v)) < 2**53 for v in list(values) + list(np_out)):
         f_out = fn(torch.tensor(values, dtype=torch.float64), *args)
-        assert f_out.dtype == torch.float64
+        assert f_out.dtype == float_dtype
         assert np.array_equal(np_out, f_out.numpy().astype(np.int64))
     return [int(v) for v in np_out]
 
@@ -195,7 +196,8 @@ def test_a2q_bound():
 def test_float_requantization_matches_reference(accs, scheme, real, rounding):
     """float(acc) * float(scale), rounded to an integer: as IEEE floats do it, whatever the library."""
     (m,), (t,) = arith.float_multipliers(np.array([real]), scheme)
-    got = _three_ways(arith.requantize, accs, m, t, rounding, None, scheme)
+    got = _three_ways(arith.requantize, accs, m, t, rounding, None, scheme,
+                      float_dtype=torch.float32 if scheme == "float32" else torch.float64)
     assert got == [naive.requantize(a, int(m), int(t), rounding, scheme) for a in accs]
 
 
@@ -216,10 +218,14 @@ def test_requantize_float64_path_matches_reference(accs, m, t, rounding):
     acc = np.array(accs, dtype=np.int64)
     if rounding == "gemmlowp_double":
         t = max(t, 31)
-    assert arith._float64_is_exact(acc, np.int64(m), np.int64(t), rounding)
-    fast = arith._requantize_float64(acc.astype(np.float64), np.int64(m), np.int64(t), rounding)
+    assert not arith._float64_wide(np.abs(acc), np.int64(m), np.int64(t), rounding).any()
     slow = arith._requantize_int64(acc, np.int64(m), np.int64(t), rounding)
-    assert fast.astype(np.int64).tolist() == slow.tolist() == [naive.requantize(a, m, t, rounding) for a in accs]
+    assert slow.tolist() == [naive.requantize(a, m, t, rounding) for a in accs]
+    for held in (acc.astype(np.float64), torch.tensor(accs, dtype=torch.float64),
+                 torch.tensor(accs, dtype=torch.float32)):
+        fast = arith._requantize_float64(held, torch.tensor(m) if torch.is_tensor(held) else np.int64(m),
+                                         torch.tensor(t) if torch.is_tensor(held) else np.int64(t), rounding)
+        assert np.asarray(fast).astype(np.int64).tolist() == slow.tolist()
 
 
 @EXAMPLES
@@ -238,6 +244,28 @@ def test_requantize_split_float64_path_matches_reference(rows, rounding, as_torc
     fast = arith._requantize_split_float64(wrap(accs.astype(np.float64)), wrap(ms), wrap(ts), rounding)
     expected = [naive.requantize(int(a), int(m), int(t), rounding) for a, m, t in rows]
     assert np.asarray(fast).astype(np.int64).tolist() == expected
+
+
+CHANNEL_ACCS = st.one_of(st.lists(st.integers(-(2**20), 2**20), min_size=4, max_size=4),
+                         st.lists(INT32.filter(lambda a: a != naive.INT32_MIN), min_size=4, max_size=4))
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(CHANNEL_ACCS, Q31_MULT, st.integers(arith.SPLIT_BITS + 1, 62)), min_size=1, max_size=8),
+       st.sampled_from(arith.SPLIT_ROUNDINGS))
+def test_requantize_with_per_channel_bounds(channels, rounding):
+    """Per-channel bounds on |acc| send the channels of small products down the float64 path and the others
+    down the split path, in one tensor: every channel gets the naive reference's integers."""
+    accs, ms, ts = zip(*channels)
+    if rounding in ("ruy", "gemmlowp_double"):
+        ts = [max(t, 31) for t in ts]
+    acc = torch.tensor(accs, dtype=torch.float64).T.reshape(2, 2, len(ms))  # (batch, height, channel)
+    bound = acc.abs().amax(dim=(0, 1), keepdim=True)
+    got = arith.requantize(acc, torch.tensor(ms).view(1, 1, -1), torch.tensor(ts).view(1, 1, -1), rounding,
+                           acc_peak=bound)
+    expected = [[[naive.requantize(int(a), m, t, rounding) for a, m, t in zip(row, ms, ts)] for row in plane]
+                for plane in acc.tolist()]
+    assert got.to(torch.int64).tolist() == expected
 
 
 @EXAMPLES
