@@ -1,14 +1,19 @@
 """Compile an IntModel with TVM, export a shared library with a JSON sidecar, load and run it.
 
-The sidecar (`OUT.so.json`) records the format version, the IntModel's
-hash, the profile, the input/output quantization, the target and the
-library's SHA-256, so that `load` refuses a library that is not the one the
-sidecar describes and inputs of the wrong shape.
+The sidecar records the format version, the IntModel's hash, the profile,
+the input/output quantization, the target and the library's SHA-256, so that
+`load` refuses a library that is not the one the sidecar describes and inputs
+of the wrong shape. It travels inside the library file, appended after the
+ELF image (the dynamic loader maps only the ELF's segments), so that one
+rename replaces library and sidecar together: a reader sees the old pair or
+the new one, never a mix. `OUT.so.json` beside it is a copy for tools that
+read JSON; `load` reads the embedded one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -21,7 +26,10 @@ from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, TensorQuant, atomic_write_bytes, check_writable
 
 SIDECAR_FORMAT = "qftsim.tvm"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+# after the ELF image: the sidecar's JSON, its length (8 bytes, little-endian), then this magic
+SIDECAR_MAGIC = b"QFTSIDE2"
+MAX_SIDECAR_BYTES = 16 * 2**20
 TARGETS = ("host", "x86-64", "aarch64")
 AARCH64_GCC = "aarch64-linux-gnu-gcc"
 
@@ -72,7 +80,8 @@ def compile_model(model: IntModel, target: str = "host") -> "CompiledModel":
 
 
 def export_library(model: IntModel, path: str | Path, target: str = "host") -> dict:
-    """Compile and write `path` (a shared library) and `path`.json (its sidecar), each atomically."""
+    """Compile and write `path` (a shared library, its sidecar embedded) in one atomic step, then `path`.json
+    (a copy of the sidecar for other tools)."""
     import tvm
 
     path = Path(path)
@@ -92,8 +101,10 @@ def export_library(model: IntModel, path: str | Path, target: str = "host") -> d
             executable.export_library(str(lib), fcompile=fcompile)
         data = lib.read_bytes()
     sidecar = _sidecar(model, target, hashlib.sha256(data).hexdigest())
-    atomic_write_bytes(path, data, mode=0o777)  # as a linker leaves a shared library
-    atomic_write_bytes(_sidecar_path(path), json.dumps(sidecar, indent=1).encode())
+    text = json.dumps(sidecar, indent=1).encode()
+    atomic_write_bytes(path, data + text + len(text).to_bytes(8, "little") + SIDECAR_MAGIC,
+                       mode=0o777)  # as a linker leaves a shared library
+    atomic_write_bytes(_sidecar_path(path), text)
     return sidecar
 
 
@@ -137,52 +148,62 @@ def _vm(module):
 
 
 def load(path: str | Path) -> "CompiledModel":
-    """Load an exported library with its sidecar, refusing a pair that does not match."""
+    """Load an exported library with its embedded sidecar, refusing a pair that does not match."""
     import tvm
 
     path = Path(path)
-    side = _sidecar_path(path)
     if not path.is_file():
         raise QftsimError(f"{path}: no such library")
-    if not side.is_file():
-        raise QftsimError(f"{path}: its sidecar {side.name} is missing")
+    library, text = _split_sidecar(path)
     try:
-        sidecar = json.loads(side.read_bytes().decode("utf-8"))
+        sidecar = json.loads(text.decode("utf-8"))
         ok = isinstance(sidecar, dict) and sidecar.get("format") == SIDECAR_FORMAT
-    except (ValueError, RecursionError, OSError):  # JSON and UTF-8 errors are ValueErrors
+    except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
         ok = False
     if not ok:
-        raise QftsimError(f"{side}: not a qftsim TVM sidecar")
+        raise QftsimError(f"{path}: its embedded sidecar is not a qftsim TVM sidecar")
     missing = [k for k, kind in (("target", str), ("library_sha256", str), ("inputs", list), ("outputs", list))
                if not isinstance(sidecar.get(k), kind)]
     if missing:
-        raise QftsimError(f"{side}: incomplete sidecar (no valid {', '.join(missing)}): re-export the library")
+        raise QftsimError(f"{path}: incomplete sidecar (no valid {', '.join(missing)}): re-export the library")
     if sidecar.get("format_version") != SIDECAR_VERSION:
-        raise QftsimError(f"{side}: format_version {sidecar.get('format_version')!r}, this qftsim reads "
+        raise QftsimError(f"{path}: sidecar format_version {sidecar.get('format_version')!r}, this qftsim reads "
                           f"{SIDECAR_VERSION}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sidecar.get("library_sha256"):
-        raise QftsimError(f"{path}: the library does not match its sidecar (SHA-256 differs): "
-                          "re-export both together")
+    if hashlib.sha256(library).hexdigest() != sidecar.get("library_sha256"):
+        raise QftsimError(f"{path}: the library does not match its sidecar (SHA-256 differs): re-export it")
     if sidecar["target"] == "aarch64":
         raise QftsimError(f"{path}: built for aarch64; it runs on the target, not on this machine")
-    _check_elf_whole(path)
+    _check_elf_whole(path, library)
     return CompiledModel(_vm(tvm.runtime.load_module(str(path))), sidecar)
 
 
-def _check_elf_whole(path: Path) -> None:
-    """Refuse a shared library whose segments or section table reach past its end: the dynamic loader maps
-    them and the process dies of SIGBUS when it touches a missing page (a truncated file whose sidecar was
-    edited to match)."""
+def _split_sidecar(path: Path) -> tuple[bytes, bytes]:
+    """(the ELF image, the sidecar's JSON bytes) of an exported library."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise QftsimError(f"{path}: cannot read it ({exc.strerror})") from None
+    tail = len(SIDECAR_MAGIC) + 8
+    if len(data) < tail or not data.endswith(SIDECAR_MAGIC):
+        raise QftsimError(f"{path}: no embedded sidecar (not exported by this qftsim, or cut short): re-export it")
+    size = int.from_bytes(data[-tail:-len(SIDECAR_MAGIC)], "little")
+    if size > min(len(data) - tail, MAX_SIDECAR_BYTES):
+        raise QftsimError(f"{path}: its embedded sidecar claims {size} bytes, more than the file holds")
+    return data[:-tail - size], data[-tail - size:-tail]
+
+
+def _check_elf_whole(path: Path, image: bytes) -> None:
+    """Refuse a shared library whose segments or section table reach past the end of its ELF `image`: the
+    dynamic loader would map them and the process die of SIGBUS when it touches a missing page, or read the
+    sidecar as code (a truncated image whose sidecar was edited to match)."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
-    size = path.stat().st_size
+    size = len(image)
     try:
-        with path.open("rb") as f:
-            elf = ELFFile(f)
-            ends = [seg["p_offset"] + seg["p_filesz"] for seg in elf.iter_segments()]
-            ends.append(elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"])
+        elf = ELFFile(io.BytesIO(image))
+        ends = [seg["p_offset"] + seg["p_filesz"] for seg in elf.iter_segments()]
+        ends.append(elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"])
     except (ELFError, ValueError, OSError) as exc:
         raise QftsimError(f"{path}: not a readable shared library ({exc})") from None
     if max(ends) > size:

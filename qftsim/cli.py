@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"],
                         help="this CPU (host, AVX-512 VNNI where it has it), portable x86-64, or aarch64 (cross)")
     export.add_argument("-o", "--output", required=True, metavar="OUT.so",
-                        help="the shared library to write (its sidecar OUT.so.json beside it)")
+                        help="the shared library to write (its sidecar inside it, a copy in OUT.so.json)")
     export.set_defaults(func=_export)
 
     imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="run a .qft model and its compiled library on the same inputs; "
                                            "exit 1 on any difference")
     verify.add_argument("model", help="a .qft IntModel file")
-    verify.add_argument("library", help="its compiled library (OUT.so, with OUT.so.json)")
+    verify.add_argument("library", help="its compiled library (OUT.so; its sidecar is inside it)")
     verify.add_argument("--samples", type=_count, default=16, metavar="N", help="random input samples to compare")
     verify.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs")
     verify.set_defaults(func=_verify)

@@ -11,12 +11,14 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import export
+from export import build
 from export.build import compile_module, has_vnni, resolve_target
 from export.lower import lower_into
 from qftsim import QftsimError
+from qftsim.intmodel import atomic_write_bytes
 from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import random_cnn
 from tests import gen
@@ -90,6 +92,17 @@ def test_fresh_process_reload_is_bit_exact(exported):
     assert np.array_equal(np.load(folder / "y.npy"), simulate(model, x).outputs["fc"])
     sidecar = json.loads((folder / "m.so.json").read_text())
     assert sidecar["model_hash"] == model.hash and sidecar["profile"] == "tflite-int8"
+    assert export.load(folder / "m.so").sidecar == sidecar  # the copy is the embedded sidecar
+
+
+def _embedded(image: bytes, sidecar: bytes) -> bytes:
+    """A library file as export writes it: the ELF image, the sidecar's JSON, its length, the magic."""
+    return image + sidecar + len(sidecar).to_bytes(8, "little") + build.SIDECAR_MAGIC
+
+
+def _image_and_sidecar(folder) -> tuple[bytes, dict]:
+    image, text = build._split_sidecar(folder / "m.so")
+    return image, json.loads(text)
 
 
 def test_runtime_refuses_bad_pairs_and_inputs(exported, tmp_path):
@@ -99,12 +112,16 @@ def test_runtime_refuses_bad_pairs_and_inputs(exported, tmp_path):
         compiled.run(np.zeros((1, 3, 9, 8), np.int8))
     real = np.random.default_rng(0).normal(size=(2, 3, 8, 8))
     assert np.array_equal(compiled.run(real)["fc"], simulate(model, model.inputs[0].quant.quantize(real)).outputs["fc"])
-    shutil.copy(folder / "m.so", tmp_path / "m.so")
-    with pytest.raises(QftsimError, match="sidecar"):
-        export.load(tmp_path / "m.so")
-    shutil.copy(folder / "m.so.json", tmp_path / "m.so.json")
+    shutil.copy(folder / "m.so", tmp_path / "m.so")  # the library alone: its sidecar travels inside it
+    assert export.load(tmp_path / "m.so").sidecar["model_hash"] == model.hash
     with open(tmp_path / "m.so", "ab") as f:
-        f.write(b"tampered")
+        f.write(b"appended")
+    with pytest.raises(QftsimError, match="no embedded sidecar"):
+        export.load(tmp_path / "m.so")
+    image, sidecar = _image_and_sidecar(folder)
+    tampered = bytearray(image)
+    tampered[len(image) // 2] ^= 1
+    (tmp_path / "m.so").write_bytes(_embedded(bytes(tampered), json.dumps(sidecar).encode()))
     with pytest.raises(QftsimError, match="does not match its sidecar"):
         export.load(tmp_path / "m.so")
     with pytest.raises(QftsimError, match="unknown target"):
@@ -164,10 +181,46 @@ def test_export_refuses_an_unwritable_output_before_compiling(tmp_path, monkeypa
 def test_verify_refuses_a_bad_sidecar_in_one_line(exported, tmp_path, sidecar):
     model, folder = exported
     copy = tmp_path / "m.so"
-    copy.write_bytes((folder / "m.so").read_bytes())
-    (tmp_path / "m.so.json").write_bytes(sidecar)
+    copy.write_bytes(_embedded(_image_and_sidecar(folder)[0], sidecar))
     with pytest.raises(QftsimError, match="sidecar"):
         export.load(copy)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(claimed=st.integers(0, 2**64 - 1), cut=st.integers(0, 40))
+def test_a_damaged_sidecar_trailer_is_refused_in_one_line(exported, tmp_path, claimed, cut):
+    """Any claimed sidecar length, and a file cut anywhere in its last bytes: a one-line refusal."""
+    _, folder = exported
+    data = (folder / "m.so").read_bytes()
+    assume(claimed != int.from_bytes(data[-16:-8], "little"))
+    for damaged in (data[:-16] + claimed.to_bytes(8, "little") + build.SIDECAR_MAGIC, data[:len(data) - cut - 1]):
+        (tmp_path / "m.so").write_bytes(damaged)
+        with pytest.raises(QftsimError, match="sidecar"):
+            export.load(tmp_path / "m.so")
+
+
+def test_a_kill_between_the_library_and_its_copy_leaves_a_whole_pair(exported, tmp_path, monkeypatch):
+    """Killed before the library's rename, the old pair loads; after it (before the JSON copy), the new one."""
+    model, folder = exported
+    executable = build._build(model, "host")
+    monkeypatch.setattr(build, "_build", lambda *a: executable)  # one compile for the three exports
+    models = [random_cnn("tflite-int8", channels=8, size=8, depthwise=True, seed=s)[0] for s in (11, 12)]
+    build.export_library(model, tmp_path / "m.so")
+    for killed_at, new in ((1, models[0]), (2, models[1])):
+        writes = []
+
+        def write_then_die(path, data, mode=0o666, count=killed_at):
+            writes.append(path)
+            if len(writes) == count:
+                raise KeyboardInterrupt  # as SIGINT/SIGTERM arrive mid-export
+            atomic_write_bytes(path, data, mode)
+
+        monkeypatch.setattr(build, "atomic_write_bytes", write_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            build.export_library(new, tmp_path / "m.so")
+        monkeypatch.setattr(build, "atomic_write_bytes", atomic_write_bytes)
+        expected = model if killed_at == 1 else new
+        assert export.load(tmp_path / "m.so").sidecar["model_hash"] == expected.hash
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
@@ -175,11 +228,10 @@ def test_a_truncated_library_with_a_matching_sidecar_is_refused(exported, tmp_pa
     """A library cut short, its sidecar's SHA-256 edited to match: refused before the loader maps it (mapping
     it would kill the process with SIGBUS), in a child process so that a regression cannot kill the tests."""
     model, folder = exported
-    data = (folder / "m.so").read_bytes()
-    (tmp_path / "m.so").write_bytes(data[: int(len(data) * keep)])
-    sidecar = json.loads((folder / "m.so.json").read_text())
-    sidecar["library_sha256"] = hashlib.sha256((tmp_path / "m.so").read_bytes()).hexdigest()
-    (tmp_path / "m.so.json").write_text(json.dumps(sidecar))
+    image, sidecar = _image_and_sidecar(folder)
+    cut = image[: int(len(image) * keep)]
+    sidecar["library_sha256"] = hashlib.sha256(cut).hexdigest()
+    (tmp_path / "m.so").write_bytes(_embedded(cut, json.dumps(sidecar).encode()))
     res = _cli("verify", str(folder / "m.qft"), str(tmp_path / "m.so"))
     assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
     assert "truncated" in res.stderr or "not a readable shared library" in res.stderr
