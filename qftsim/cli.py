@@ -61,11 +61,9 @@ def _profiles_validate(args) -> int:
 
 def load_input_array(model, path: str):
     """An .npy batch for the model's single input: integers as they are, reals quantized; says which."""
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")  # a header claiming more than the file is refused
-    except (OSError, ValueError, EOFError) as exc:
-        raise QftsimError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else 'empty'})") \
-            from None
+    from qftsim.loaders import read_npy
+
+    arr = read_npy(path, mmap=True)  # a header claiming more than the file is refused
     if not isinstance(arr, np.ndarray):  # an .npz archive
         raise QftsimError(f"{path}: an .npz archive; give one .npy array (np.save)")
     if arr.ndim == 0 or len(arr) == 0:
@@ -286,7 +284,7 @@ def _quantize(args) -> int:
     from qftsim.intmodel import atomic_write_bytes, check_writable
     from qftsim.loaders import (exported_input_shape, first_sample, load_calibration, load_exported_program,
                                 load_factory)
-    from qftsim.qft import quantize
+    from qftsim.qft import QftConfig, quantize
     from qftsim.report import write_report
     from qftsim.sim import simulate
 
@@ -304,7 +302,14 @@ def _quantize(args) -> int:
     if any(v <= 0 for v in std):
         raise QftsimError(f"--std must be positive, got {args.std}")
     image_options = (args.resize, args.crop, mean, std, args.channels, args.npz_key)
-    loss_layers = _loss_layers(args.loss_layer)
+    knobs = dict(epochs=args.epochs, dataset_size=args.dataset_size, batch_size=args.batch_size,
+                 learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss, scale_lr_factor=args.scale_lr_factor,
+                 warmup=args.warmup, weight_scale_lr_factor=args.weight_scale_lr_factor,
+                 weight_scales_as_gains={"auto": None, "yes": True, "no": False}[args.weight_scales_as_gains],
+                 loss_layers=_loss_layers(args.loss_layer), freeze=tuple(args.freeze or ()), seed=args.seed,
+                 reconstruction_steps=args.reconstruction_steps, reconstruction_lr=args.reconstruction_lr,
+                 init=args.init, device=args.device)
+    QftConfig(**knobs).validate()  # a bad rate or share fails now, not after the data is read
     # fail in seconds: the model is captured and checked against the profile on one sample, before the data
     sample = first_sample(args.data, *image_options)
     _check_input_size(tuple(sample.shape[1:]), args.input_size, exported_input_shape(model))
@@ -315,17 +320,8 @@ def _quantize(args) -> int:
             print(f"calibration data: {tuple(data.shape)} from {args.data}")
             if world > 1:
                 print(f"data-parallel over {world} processes (torchrun)")
-        int_model, report = quantize(model, data, args.profile, method=args.method, epochs=args.epochs,
-                                     dataset_size=args.dataset_size, batch_size=args.batch_size,
-                                     learning_rate=args.lr, lr_unit=args.lr_unit, loss=args.loss,
-                                     scale_lr_factor=args.scale_lr_factor, warmup=args.warmup,
-                                     weight_scale_lr_factor=args.weight_scale_lr_factor,
-                                     weight_scales_as_gains={"auto": None, "yes": True, "no": False}[
-                                         args.weight_scales_as_gains],
-                                     loss_layers=loss_layers, freeze=tuple(args.freeze or ()), seed=args.seed,
-                                     reconstruction_steps=args.reconstruction_steps,
-                                     reconstruction_lr=args.reconstruction_lr, init=args.init,
-                                     device=device, progress=not args.quiet and rank == 0)
+        int_model, report = quantize(model, data, args.profile, method=args.method,
+                                     **{**knobs, "device": device}, progress=not args.quiet and rank == 0)
     if rank != 0:  # every process holds the same model; the first one writes it
         return EXIT_OK
     int_model.save(args.output)

@@ -16,6 +16,7 @@ import io
 import math
 import json
 import os
+import reprlib
 import tempfile
 import zipfile
 import zlib
@@ -302,13 +303,14 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
         profile = HardwareProfile.from_dict(manifest["profile"], source="manifest.json profile")
         if manifest["profile_hash"] != profile.hash:
             raise QftsimError("profile_hash does not match the embedded profile")
-        inputs = [ModelInput(_check_name(i["name"], "input"), tuple(i["shape"]),
-                             _quant(i["quant"], f"input {i['name']}")) for i in manifest["inputs"]]
+        inputs = [ModelInput(_check_name(i["name"], "input"), tuple(_field(i, "shape", list)),
+                             _quant(i["quant"], f"input {i['name']}"))
+                  for i in _items(manifest, "inputs", dict)]
         nodes = []
-        for n in manifest["nodes"]:
+        for n in _items(manifest, "nodes", dict):
             _check_name(n["name"], "node")
             arrays = {}
-            for key in n["arrays"]:
+            for key in _items(n, "arrays", str):
                 member = f"arrays/{n['name']}/{key}.npy"
                 if member not in members:
                     raise QftsimError(f"node {n['name']!r}: array {key!r} is missing from the file")
@@ -316,11 +318,28 @@ def _from_manifest(manifest: dict, members: dict[str, bytes]) -> IntModel:
                     arrays[key] = np.load(io.BytesIO(members[member]), allow_pickle=False)
                 except (ValueError, EOFError) as exc:
                     raise QftsimError(f"node {n['name']!r}: array {key!r} is unreadable ({exc or 'empty'})") from None
-            nodes.append(Node(n["name"], n["op"], list(n["inputs"]), _quant(n["quant"], f"node {n['name']}"),
-                              dict(n["attrs"]), arrays))
-        return IntModel(profile, inputs, nodes, list(manifest["outputs"]))
+            nodes.append(Node(n["name"], n["op"], _items(n, "inputs", str), _quant(n["quant"], f"node {n['name']}"),
+                              dict(_field(n, "attrs", dict)), arrays))
+        return IntModel(profile, inputs, nodes, _items(manifest, "outputs", str))
     except (KeyError, TypeError) as exc:
         raise QftsimError(f"manifest.json: missing or malformed field {exc}") from None
+
+
+def _field(container: dict, key: str, kind: type):
+    """container[key], which must be a `kind` (a list, a dict)."""
+    value = container[key]
+    if not isinstance(value, kind):
+        raise QftsimError(f"manifest.json: field {key!r} must be a {'list' if kind is list else 'mapping'}, "
+                          f"got {reprlib.repr(value)}")
+    return value
+
+
+def _items(container: dict, key: str, kind: type) -> list:
+    """container[key], a list whose items are each a `kind` (str, dict)."""
+    items = _field(container, key, list)
+    if not all(isinstance(item, kind) for item in items):
+        raise QftsimError(f"manifest.json: every item of {key!r} must be a {'string' if kind is str else 'mapping'}")
+    return list(items)
 
 
 def _quant(d: dict, where: str) -> TensorQuant:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
+import tokenize
 import warnings
 import zipfile
 from pathlib import Path
@@ -91,7 +92,7 @@ def load_calibration(path: str | Path, size: int | None = None, crop: int | None
         return _load_images(path, size, crop, mean, std, channels, progress=progress)
     try:
         if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            array = read_npy(path)
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 names = list(archive.keys())
@@ -102,11 +103,25 @@ def load_calibration(path: str | Path, size: int | None = None, crop: int | None
                 array = archive[key or names[0]]
         else:
             raise QftsimError(f"{path}: calibration data must be .npy, .npz or a folder of images")
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except NPY_ERRORS as exc:
         raise QftsimError(f"{path}: unreadable ({exc})") from None
     if array.dtype.kind not in "fiu" or array.ndim < 2:
         raise QftsimError(f"{path}: expected a numeric batch (N, ...), got {array.dtype} {array.shape}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+# what numpy raises for a file that is not a whole .npy/.npz: cut short, a damaged header byte (its header is
+# parsed as a Python literal), a damaged archive
+NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError, zipfile.BadZipFile)
+
+
+def read_npy(path: str | Path, mmap: bool = False):
+    """np.load without pickles (memory-mapped if `mmap`); a file it cannot read is one QftsimError."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except NPY_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QftsimError(f"{path}: not a readable .npy array ({reason})") from None
 
 
 def first_sample(path: str | Path, size: int | None = None, crop: int | None = None, mean=(0.0,), std=(1.0,),
@@ -118,10 +133,7 @@ def first_sample(path: str | Path, size: int | None = None, crop: int | None = N
         files = _image_files(path)
         return _load_images(path, size, crop, mean, std, channels, files[:1])[:]
     if path.suffix == ".npy" and path.is_file():
-        try:
-            head = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
-        except (OSError, ValueError) as exc:
-            raise QftsimError(f"{path}: unreadable ({exc})") from None
+        head = read_npy(path, mmap=True)[:1]
         if head.dtype.kind not in "fiu" or head.ndim < 2:
             raise QftsimError(f"{path}: expected a numeric batch (N, ...), got {head.dtype} {head.shape}")
         return torch.from_numpy(np.array(head, dtype=np.float32))

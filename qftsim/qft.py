@@ -97,6 +97,8 @@ class QftConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise QftsimError(f"{key} must be a finite rate >= 0, got {value}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch's generators take
+            raise QftsimError(f"seed must be in [-2^63, 2^64), got {self.seed}")
         if self.weight_scales_as_gains not in (None, True, False):
             raise QftsimError("weight_scales_as_gains must be True, False or None, "
                               f"got {self.weight_scales_as_gains!r}")

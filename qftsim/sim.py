@@ -388,7 +388,7 @@ class _Simulator:
         abs_weight_as = lambda dtype: c.weight_as(dtype, absolute=True)  # noqa: E731
         risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_weight_as, c.l1, bias.abs(),
                                        in_peak)[0] > hi
-        acc = exact.to(torch.int64)
+        acc = exact.to(torch.int64, memory_format=torch.contiguous_format)  # (written through a flat view)
         outside = torch.zeros_like(acc, dtype=torch.bool)
         if risky.any():
             flat = torch.nonzero(risky.flatten()).flatten().numpy()

@@ -114,6 +114,56 @@ CORRUPTIONS = {
 }
 
 
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                        max_size=3), max_leaves=6)
+
+
+def _leaves(node, path=()):
+    """Every (path, value) in a JSON tree, containers included."""
+    yield path, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield from _leaves(value, (*path, key))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_manifest_edit_loads_and_simulates_or_is_refused_in_one_line(saved, data):
+    """A value anywhere in the manifest replaced by any JSON value (NaN and infinities, wrong types, huge
+    integers, containers), or a key removed: the file is refused with a QftsimError, or it loads and
+    simulates (a model that loads must simulate)."""
+    model, path = saved
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    where, _ = data.draw(st.sampled_from([leaf for leaf in _leaves(manifest) if leaf[0]]), label="where")
+    remove = data.draw(st.booleans(), label="remove")
+    value = None if remove else data.draw(JSON_VALUES, label="value")
+
+    def edit(m):
+        *parents, last = where
+        for key in parents:
+            m = m[key]
+        if remove and isinstance(m, dict):
+            del m[last]
+        else:
+            m[last] = value
+
+    edited = _rewrite(path, edit_manifest=edit)
+    try:
+        loaded = intmodel.load(edited)
+    except QftsimError as exc:
+        assert "\n" not in str(exc)
+        return
+    x = np.zeros((2, *loaded.inputs[0].shape), loaded.inputs[0].quant.dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+            simulate(loaded, np.clip(x, loaded.inputs[0].quant.qmin, loaded.inputs[0].quant.qmax))
+    except QftsimError as exc:  # e.g. an accumulator overflow under `overflow: error`
+        assert "\n" not in str(exc)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_saved_files_get_the_permissions_of_any_new_file(tmp_path, umask):
     model, _ = random_cnn(channels=4, size=4)

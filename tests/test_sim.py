@@ -1,5 +1,6 @@
 """The simulator equals the naive Python-int executor on generated IntModels."""
 
+import io
 import warnings
 
 import numpy as np
@@ -163,6 +164,27 @@ def test_bad_simulate_inputs_are_one_line_errors(tmp_path, saved_model, case):
         path.write_bytes(raw.replace(b"(2, ", b"(1099511627776, "))
     code, err = _simulate_cli(tmp_path, model_path, "--input", str(path))
     assert code == 2 and err.startswith("qftsim: error:") and err.count("\n") == 1, err
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 200), at=st.integers(0, 200), byte=st.integers(0, 255),
+       dtype=st.sampled_from(["int8", "uint8", "int16", "int64", "float32", "bool", "object", "<U2"]),
+       shape=st.lists(st.integers(0, 7), max_size=5))
+def test_any_damaged_or_mismatched_npy_input_simulates_or_is_one_line(tmp_path, saved_model, cut, at, byte, dtype,
+                                                                      shape):
+    """An input .npy cut short, with a byte changed, or of any dtype and shape: simulate runs (exit 0) or
+    refuses it in one line (exit 2), never a traceback."""
+    model_path, good = saved_model
+    raw = (tmp_path / "good.npy").read_bytes()
+    changed = bytearray(raw)
+    changed[at % len(raw)] = byte
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=dtype == "object")
+    for i, blob in enumerate((raw[:len(raw) - cut - 1], bytes(changed), buf.getvalue())):
+        path = tmp_path / f"x{i}.npy"
+        path.write_bytes(blob)
+        code, err = _simulate_cli(tmp_path, model_path, "--input", str(path), "--output", str(tmp_path / "y.npy"))
+        assert code == 0 or code == 2 and err.startswith("qftsim: error:") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("where", ["onto a folder", "under a file", "dump onto a file"])

@@ -1,6 +1,7 @@
 """The user's path: qftsim quantize on .pt2 / factory models with .npy / image-folder data, and qftsim demo."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qftsim import intmodel
 from qftsim.zoo import MNIST_MEAN, MNIST_STD, load_mnist, reference_network
@@ -251,6 +253,46 @@ def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "3 unsupported ops: SiLU x2 (at act1, act2); mul x1" in err and "Supported:" in err
+
+
+class _DataReached(Exception):
+    """Raised where quantize first touches the data: every option was accepted."""
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(["--lr", "--warmup", "--scale-lr-factor", "--weight-scale-lr-factor",
+                               "--reconstruction-lr", "--reconstruction-steps", "--seed", "--epochs"]),
+       value=st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.sampled_from(["nan", "-inf", "1e999", "x"])))
+def test_any_option_value_is_taken_or_refused_before_the_data_is_read(inputs, monkeypatch, capsys, option, value):
+    """Every numeric QFT option, any value (NaN, infinities, negatives, huge, not a number): refused in one
+    line (exit 2) before the calibration data is read, or it is a value QFT can train with."""
+    import qftsim.loaders
+    from qftsim.cli import main
+
+    def reached(*args, **kwargs):
+        raise _DataReached
+
+    monkeypatch.setattr(qftsim.loaders, "first_sample", reached)
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    integral = option in ("--reconstruction-steps", "--seed", "--epochs")
+    valid = math.isfinite(number) and (
+        {"--warmup": 0 <= number < 1, "--epochs": number >= 1, "--seed": -(2**63) <= number < 2**64}.get(
+            option, number >= 0)
+        and (not integral or text.lstrip("-").isdigit()))
+    try:
+        code = main(["quantize", "--factory", "qftsim.zoo:SmallMobileNetV2", "--data", str(inputs / "images"),
+                     "--channels", "1", f"{option}={text}", "-o", str(inputs / "never.qft")])
+    except _DataReached:
+        assert valid, f"{option} {text} was taken"
+        return
+    except SystemExit as exc:  # argparse: a value its type converter refuses
+        code = exc.code
+    err = capsys.readouterr().err
+    assert not valid and code == 2 and err.strip().splitlines()[-1].count("error") == 1, (option, text, err)
 
 
 def test_every_option_says_what_it_does_and_its_default(capsys):
