@@ -11,6 +11,7 @@ compare the quantized graph with the float one node by node.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -24,8 +25,25 @@ from qftsim.errors import QftsimError
 
 SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
              "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-             "Flatten/view/reshape, add, cat (channels), Sigmoid, Hardswish, Hardsigmoid")
-LUT_FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+             "Flatten/view/reshape, add, cat (channels), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
+             "SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
+# pointwise functions that become exact look-up tables over the input's integer range; a node's attrs hold the
+# function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
+LUT_FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu,
+                 "tanh": torch.tanh, "gelu": F.gelu, "leaky_relu": F.leaky_relu, "elu": F.elu}
+
+
+PARAMETRIZED_LUTS = ("gelu", "leaky_relu", "elu")
+
+
+def lut_function(attrs: dict):
+    """The real function of a look-up table node, with its parameters bound."""
+    params = {k: v for k, v in attrs.items() if k != "function"}
+    return functools.partial(LUT_FUNCTIONS[attrs["function"]], **params)
+
+
+def _lut(name, ins, function: str, **params) -> FNode:
+    return FNode(name, "lut", ins[:1], {"function": function, **params})
 INF = math.inf
 
 
@@ -120,7 +138,7 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
     elif n.kind == "clamp":
         y = xs[0]
     elif n.kind == "lut":
-        y = LUT_FUNCTIONS[a["function"]](xs[0])
+        y = lut_function(a)(xs[0])
     else:
         raise AssertionError(n.kind)
     return y.clamp(*n.act) if n.act is not None else y
@@ -308,9 +326,16 @@ def _from_module(node, name, mod, ins, alias):
         return _global_pool(node, name, ins, mod.output_size)
     if isinstance(mod, nn.Flatten):
         return _flatten(node, name, ins, mod.start_dim, mod.end_dim)
-    for cls, fn in ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid")):
+    for cls, fn in ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"),
+                    (nn.SiLU, "silu"), (nn.Tanh, "tanh")):
         if isinstance(mod, cls):
-            return FNode(name, "lut", ins, {"function": fn})
+            return _lut(name, ins, fn)
+    if isinstance(mod, nn.GELU):
+        return _lut(name, ins, "gelu", approximate=mod.approximate)
+    if isinstance(mod, nn.LeakyReLU):
+        return _lut(name, ins, "leaky_relu", negative_slope=float(mod.negative_slope))
+    if isinstance(mod, nn.ELU):
+        return _lut(name, ins, "elu", alpha=float(mod.alpha))
     raise _unsupported(node, type(mod).__name__)
 
 
@@ -352,9 +377,15 @@ def _from_function(node, name, ins, alias):
         return _global_pool(node, name, ins, _kw(node, 1, "output_size", None))
     if t is F.dropout:
         return _identity(name, ins, alias)
+    if t is F.gelu:
+        return _lut(name, ins, "gelu", approximate=_kw(node, 1, "approximate", "none"))
+    if t is F.leaky_relu:
+        return _lut(name, ins, "leaky_relu", negative_slope=float(_kw(node, 1, "negative_slope", 0.01)))
+    if t is F.elu:
+        return _lut(name, ins, "elu", alpha=float(_kw(node, 1, "alpha", 1.0)))
     for fn_name, fn in LUT_FUNCTIONS.items():
-        if t is fn or t is getattr(F, fn_name, None):
-            return FNode(name, "lut", ins, {"function": fn_name})
+        if fn_name not in PARAMETRIZED_LUTS and t in (fn, getattr(F, fn_name, None), getattr(torch, fn_name, None)):
+            return _lut(name, ins, fn_name)
     raise _unsupported(node, getattr(t, "__name__", str(t)))
 
 
@@ -434,9 +465,18 @@ def _from_aten(node, name, ins, alias, consts):
         if (args[2] if len(args) > 2 else 0) != 0 or len(args[1]) != 4:
             raise _unsupported(node, "padding other than 2-D zero padding")
         return _pad(name, ins, args[1])
-    for fn_name in LUT_FUNCTIONS:
-        if t is getattr(aten, fn_name).default:
-            return FNode(name, "lut", ins, {"function": fn_name})
+    if t in (aten.gelu.default, aten.gelu_.default):
+        return _lut(name, ins, "gelu", approximate=_schema_arguments(node)["approximate"])
+    if t in (aten.leaky_relu.default, aten.leaky_relu_.default):
+        return _lut(name, ins, "leaky_relu", negative_slope=float(_schema_arguments(node)["negative_slope"]))
+    if t in (aten.elu.default, aten.elu_.default):
+        a = _schema_arguments(node)
+        if a["scale"] != 1 or a["input_scale"] != 1:
+            raise _unsupported(node, "elu with scale or input_scale (selu)")
+        return _lut(name, ins, "elu", alpha=float(a["alpha"]))
+    for fn_name in set(LUT_FUNCTIONS) - set(PARAMETRIZED_LUTS):
+        if t in (getattr(aten, fn_name).default, getattr(aten, f"{fn_name}_").default):
+            return _lut(name, ins, fn_name)
     raise _unsupported(node, str(t))
 
 
@@ -452,8 +492,8 @@ def _from_method(node, name, ins, alias):
         return FNode(name, "reshape", ins[:1])
     if method == "relu":
         return _act(name, ins, 0, INF)
-    if method == "sigmoid":
-        return FNode(name, "lut", ins, {"function": "sigmoid"})
+    if method in ("sigmoid", "tanh"):
+        return _lut(name, ins, method)
     raise _unsupported(node, f"Tensor.{method}")
 
 

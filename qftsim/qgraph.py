@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qftsim import arith
-from qftsim.capture import LUT_FUNCTIONS, FGraph, FNode
+from qftsim.capture import FGraph, FNode, lut_function
 from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, OpArithmetic, int_range, trainer_refusals
@@ -463,7 +463,7 @@ class QGraph(nn.Module):
     def _lut_values(self, n: FNode, q: torch.Tensor, dtype) -> torch.Tensor:
         zp_in = self.zero_points[self.quant_source[n.inputs[0]]]
         real = (q - zp_in) * self.act_scale(n.inputs[0]).to(dtype)
-        y = round_ste(LUT_FUNCTIONS[n.attrs["function"]](real) / self.act_scale(n.name).to(dtype))
+        y = round_ste(lut_function(n.attrs)(real) / self.act_scale(n.name).to(dtype))
         return torch.clamp(y + self.zero_points[n.name], *self.qrange(n.name))
 
     def _lut(self, n: FNode, xs):

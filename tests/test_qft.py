@@ -44,6 +44,13 @@ def test_eval_qgraph_equals_simulator_on_every_test_image(network, profile, mnis
 def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
     """The exactness contract under per-op arithmetic (float32 requantization, XNNPACK's add, upward-rounding
     depthwise blocks): QFT eval mode == simulator == TVM-compiled model, for the three LiteRT profiles."""
+    _assert_eval_simulator_and_compiled_agree(reference_network("mobilenetv2"), mnist,
+                                              ("litert-xnnpack", "litert-optimized", "litert-reference"))
+
+
+def _assert_eval_simulator_and_compiled_agree(net, mnist, profiles):
+    """QFT (one short epoch) on each profile; its eval mode, the simulator and the TVM-compiled model (all
+    profiles in one module) give the same integers on 200 test images. Returns the IntModels."""
     import tvm
     from tvm import relax
 
@@ -52,9 +59,8 @@ def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
 
     x, _, x_test, _ = mnist
     bb, cases = relax.BlockBuilder(), []
-    for i, profile in enumerate(("litert-xnnpack", "litert-optimized", "litert-reference")):
-        qgraph, _ = quantize_graph(reference_network("mobilenetv2"), x[:128], profile, epochs=1, dataset_size=128,
-                                   progress=False)
+    for i, profile in enumerate(profiles):
+        qgraph, _ = quantize_graph(net, x[:128], profile, epochs=1, dataset_size=128, progress=False)
         int_model = qgraph.integerize()
         with torch.no_grad():
             ints = qgraph.run_integers(x_test[:200])[qgraph.fg.output].numpy().astype(np.int64)
@@ -65,6 +71,7 @@ def test_qft_on_litert_profiles_compiles_to_eval_modes_integers(mnist):
         q = int_model.inputs[0].quant.quantize(x_test[:200].numpy())
         assert np.array_equal(_simulate(int_model, q).astype(np.int64), ints), int_model.profile.name
         assert np.array_equal(vm[f"m{i}"](tvm.runtime.tensor(q)).numpy().astype(np.int64), ints)
+    return [int_model for int_model, _ in cases]
 
 
 def test_qft_says_whether_finetuning_was_kept(mnist):
@@ -112,6 +119,50 @@ def test_max_pooling_quantizes_end_to_end(mnist):
         ints = qgraph.run_integers(x_test[:100])[qgraph.fg.output].numpy().astype(np.int64)
     q = int_model.inputs[0].quant.quantize(x_test[:100].numpy())
     assert np.array_equal(_simulate(int_model, q).astype(np.int64), ints)
+
+
+class _FunctionalActivations(nn.Module):
+    """Every new look-up-table function in its functional and method forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(6))
+
+    def forward(self, x):
+        c = self.convs
+        x = c[0](x)
+        x = F.gelu(F.silu(x) + c[1](x), approximate="tanh")
+        x = torch.tanh(c[2](x)) + c[3](x).tanh()
+        return F.elu(F.leaky_relu(c[4](x), 0.2) + c[5](x), alpha=0.7)
+
+
+FUNCTIONAL_LUTS = [{"function": "silu"}, {"function": "gelu", "approximate": "tanh"}, {"function": "tanh"},
+                   {"function": "tanh"}, {"function": "leaky_relu", "negative_slope": 0.2},
+                   {"function": "elu", "alpha": 0.7}]
+
+
+def test_pointwise_functions_are_captured_with_their_parameters(mnist, tmp_path):
+    """fx (functional and Tensor-method forms) and torch.export (ATen ops) give the same tables."""
+    from qftsim.loaders import load_exported_program
+
+    x = mnist[0][:2]
+    net = _FunctionalActivations().eval()
+    torch.export.save(torch.export.export(net, (x,)), str(tmp_path / "net.pt2"))
+    for model in (net, load_exported_program(tmp_path / "net.pt2")):
+        assert [n.attrs for n in capture(model, x).nodes if n.kind == "lut"] == FUNCTIONAL_LUTS
+
+
+def test_silu_gelu_tanh_leaky_relu_elu_quantize_to_exact_tables(mnist):
+    """SiLU, GELU (erf and tanh), Tanh, LeakyReLU, ELU as look-up tables, trained through by QFT on two
+    profiles: eval mode == simulator == compiled model, bit for bit."""
+    x = mnist[0]
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(),
+                        nn.Conv2d(8, 8, 3, stride=2), nn.GELU(approximate="tanh"), nn.Conv2d(8, 8, 3), nn.Tanh(),
+                        nn.Conv2d(8, 8, 3), nn.LeakyReLU(0.1), nn.Conv2d(8, 8, 3), nn.ELU(0.5), nn.Flatten(),
+                        nn.LazyLinear(10))
+    net(x[:1])
+    for int_model in _assert_eval_simulator_and_compiled_agree(net.eval(), mnist, ("int8-default", "litert-xnnpack")):
+        assert [n.op for n in int_model.nodes].count("lut") == 6
 
 
 def test_a2q_profile_never_overflows(mnist):

@@ -226,13 +226,13 @@ def test_pt2_layers_are_named_by_module_path(tmp_path, network):
         assert torch.allclose(exported.run(x)[exported.output], traced.run(x)[traced.output], atol=1e-5)
 
 
-class SiluNet(torch.nn.Module):
-    """Two SiLUs and an elementwise product: three ops capture does not take."""
+class SoftplusNet(torch.nn.Module):
+    """Two Softpluses and an elementwise product: three ops capture does not take."""
 
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 4, 3)
-        self.act1, self.act2 = torch.nn.SiLU(), torch.nn.SiLU()
+        self.act1, self.act2 = torch.nn.Softplus(), torch.nn.Softplus()
 
     def forward(self, x):
         y = self.act1(self.conv(x))
@@ -248,11 +248,11 @@ def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, ca
         raise AssertionError("the whole calibration set was read before the model was checked")
 
     monkeypatch.setattr(qftsim.loaders, "load_calibration", no_full_read)
-    code = main(["quantize", "--factory", "tests.test_user_path:SiluNet", "--data", str(inputs / "images"),
+    code = main(["quantize", "--factory", "tests.test_user_path:SoftplusNet", "--data", str(inputs / "images"),
                  "--channels", "1", "-o", str(inputs / "never.qft")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert "3 unsupported ops: SiLU x2 (at act1, act2); mul x1" in err and "Supported:" in err
+    assert "3 unsupported ops: Softplus x2 (at act1, act2); mul x1" in err and "Supported:" in err
 
 
 class _DataReached(Exception):
