@@ -1,5 +1,6 @@
 """The .qft format: round trip, determinism, and a named error for every kind of defect."""
 
+import errno
 import io
 import json
 import os
@@ -240,6 +241,28 @@ def test_save_is_atomic(saved, monkeypatch):
     before = path.read_bytes()
     monkeypatch.setattr(intmodel.IntModel, "to_bytes", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(saved, monkeypatch, error):
+    """A full disk (or quota, or I/O error) mid-write: a QftsimError naming the file, the old file whole, no
+    temporary left."""
+    model, path = saved
+    before = path.read_bytes()
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(error, os.strerror(error))
+
+    def fdopen(fd, *args, **kwargs):
+        os.close(fd)
+        return FullDisk()
+
+    monkeypatch.setattr(intmodel.os, "fdopen", fdopen)
+    with pytest.raises(QftsimError, match=f"{path}: cannot write \\({os.strerror(error)}\\); the old file"):
         model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
