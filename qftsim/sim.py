@@ -86,8 +86,8 @@ def format_report(report: list[LayerReport]) -> str:
 
 
 # a chunk of samples holds at most about this many bytes in its largest layer (float64 accumulators,
-# their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples: 4.5 GiB
-# whole, 0.56 GiB in chunks; benchmarks/sim_memory.py). Chunks of this size were the fastest on EfficientNet-Lite0
+# their int64 copies, the float32 output): memory stays flat whatever the batch (20000 MNIST samples: 4.2 GiB
+# whole, 0.53 GiB in chunks; benchmarks/sim_memory.py). Chunks of this size were the fastest on EfficientNet-Lite0
 # at 224x224 (5 samples; 1 and 2 were 10-40% slower, from per-op overhead)
 CHUNK_BYTES = 128 * 2**20
 
