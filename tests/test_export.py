@@ -114,16 +114,16 @@ def test_runtime_refuses_bad_pairs_and_inputs(exported, tmp_path):
     assert np.array_equal(compiled.run(real)["fc"], simulate(model, model.inputs[0].quant.quantize(real)).outputs["fc"])
     shutil.copy(folder / "m.so", tmp_path / "m.so")  # the library alone: its sidecar travels inside it
     assert export.load(tmp_path / "m.so").sidecar["model_hash"] == model.hash
-    with open(tmp_path / "m.so", "ab") as f:
-        f.write(b"appended")
+    # (new files: rewriting a loaded library in place changes its mapped code under the process)
+    (tmp_path / "appended.so").write_bytes((folder / "m.so").read_bytes() + b"appended")
     with pytest.raises(QftsimError, match="no embedded sidecar"):
-        export.load(tmp_path / "m.so")
+        export.load(tmp_path / "appended.so")
     image, sidecar = _image_and_sidecar(folder)
     tampered = bytearray(image)
     tampered[len(image) // 2] ^= 1
-    (tmp_path / "m.so").write_bytes(_embedded(bytes(tampered), json.dumps(sidecar).encode()))
+    (tmp_path / "tampered.so").write_bytes(_embedded(bytes(tampered), json.dumps(sidecar).encode()))
     with pytest.raises(QftsimError, match="does not match its sidecar"):
-        export.load(tmp_path / "m.so")
+        export.load(tmp_path / "tampered.so")
     with pytest.raises(QftsimError, match="unknown target"):
         resolve_target("riscv")
     in_memory = export.compile_model(model, "x86-64")
