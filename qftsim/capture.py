@@ -31,9 +31,8 @@ SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), Re
 # function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
 LUT_FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu,
                  "tanh": torch.tanh, "gelu": F.gelu, "leaky_relu": F.leaky_relu, "elu": F.elu}
-
-
 PARAMETRIZED_LUTS = ("gelu", "leaky_relu", "elu")
+INF = math.inf
 
 
 def lut_function(attrs: dict):
@@ -44,7 +43,6 @@ def lut_function(attrs: dict):
 
 def _lut(name, ins, function: str, **params) -> FNode:
     return FNode(name, "lut", ins[:1], {"function": function, **params})
-INF = math.inf
 
 
 @dataclass
