@@ -475,18 +475,14 @@ def _float64_product(a, factor, plus=None):
     float64 (torch's mixed-type kernels are several times slower than a conversion and in-place ops)."""
     if _is_torch(a):
         if a.dtype == torch.float64 and torch.broadcast_shapes(a.shape, factor.shape) == a.shape:
-            return a * factor if plus is None else torch.addcmul(_as_float64(plus, a), a, factor)
+            return a * factor if plus is None else \
+                torch.addcmul(torch.as_tensor(plus, dtype=torch.float64, device=a.device), a, factor)
         w = a.to(torch.float64, copy=True).mul_(factor)
         return w if plus is None else w.add_(plus)
     w = np.array(np.asarray(a) * factor, dtype=np.float64)
     if plus is not None:
         w += plus
     return w
-
-
-def _as_float64(x, like):
-    """x (a number or float64 tensor) as a float64 tensor on like's device."""
-    return x if _is_torch(x) else torch.tensor(float(x), dtype=torch.float64, device=like.device)
 
 
 def _exp2_neg(t):

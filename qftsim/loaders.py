@@ -77,6 +77,20 @@ def load_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
     return model
 
 
+# what numpy raises for a file that is not a whole .npy/.npz: cut short, a damaged header byte (its header is
+# parsed as a Python literal), a damaged archive
+NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError, zipfile.BadZipFile)
+
+
+def read_npy(path: str | Path, mmap: bool = False):
+    """np.load without pickles (memory-mapped if `mmap`); a file it cannot read is one QftsimError."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except NPY_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QftsimError(f"{path}: not a readable .npy array ({reason})") from None
+
+
 def load_calibration(path: str | Path, size: int | None = None, crop: int | None = None,
                      mean=(0.0,), std=(1.0,), channels: int = 3, key: str | None = None,
                      progress: bool = False) -> torch.Tensor | CalibrationSet:
@@ -108,20 +122,6 @@ def load_calibration(path: str | Path, size: int | None = None, crop: int | None
     if array.dtype.kind not in "fiu" or array.ndim < 2:
         raise QftsimError(f"{path}: expected a numeric batch (N, ...), got {array.dtype} {array.shape}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-# what numpy raises for a file that is not a whole .npy/.npz: cut short, a damaged header byte (its header is
-# parsed as a Python literal), a damaged archive
-NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError, zipfile.BadZipFile)
-
-
-def read_npy(path: str | Path, mmap: bool = False):
-    """np.load without pickles (memory-mapped if `mmap`); a file it cannot read is one QftsimError."""
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except NPY_ERRORS as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise QftsimError(f"{path}: not a readable .npy array ({reason})") from None
 
 
 def first_sample(path: str | Path, size: int | None = None, crop: int | None = None, mean=(0.0,), std=(1.0,),

@@ -216,6 +216,11 @@ class _MatmulConstants:
             self.casts[dtype, absolute] = (self.weight.abs() if absolute else self.weight).to(dtype)
         return self.casts[dtype, absolute]
 
+    def acc_bounds(self, in_peak: int, bias: torch.Tensor) -> torch.Tensor:
+        """Per output channel, a bound on every partial sum's |value| in any order: the row's |w| sum times
+        the input's peak, plus |bias|."""
+        return self.abs_row_sums * in_peak + bias.abs()
+
     @property
     def l1(self) -> int:
         """The largest row sum of |w|: every partial sum, in any order, is at most this times max |input|."""
@@ -368,9 +373,9 @@ class _Simulator:
         if self.keep_accumulators:
             self.accumulators[node.name] = acc.numpy().astype(np.int32 if acc_spec.bits <= 32 else np.int64)
         m, t = c.multiplier.view(channel_shape), c.shift.view(channel_shape)
-        # |acc| per channel: at most its row's |w| sum times the input's peak plus |bias|, and the layer's peak
+        # |acc| per channel: its static bound, capped by the layer's peak
         peak = None if outside is not None else \
-            (c.abs_row_sums * in_peak + bias.abs()).clamp_(max=max(-acc_min, acc_max)).view(channel_shape).double()
+            c.acc_bounds(in_peak, bias).clamp_(max=max(-acc_min, acc_max)).view(channel_shape).double()
         # float32 from here on (half the bytes): conversion and the zero point's addition are exact
         # below 2^24 and monotone above, so the clamp to <= 16-bit bounds and its counts are unchanged
         op = node_arithmetic(node, self.profile)
@@ -383,7 +388,7 @@ class _Simulator:
         (`centered`: the input less its zero point, at most `in_peak` in magnitude)."""
         lo, hi = self.profile.accumulator.range
         bias = c.bias
-        if int((c.abs_row_sums * in_peak + bias.abs()).max()) <= hi:
+        if int(c.acc_bounds(in_peak, bias).max()) <= hi:
             return exact, None  # no partial sum can leave the range (e.g. an A2Q-bounded layer)
         abs_weight_as = lambda dtype: c.weight_as(dtype, absolute=True)  # noqa: E731
         risky = self._exact_accumulate(matmul, int64_matmul, centered.abs(), abs_weight_as, c.l1, bias.abs(),
