@@ -369,6 +369,14 @@ def _lower_add(bb, node, xs, qs, model):
     return (y + node.quant.zero_point).clip(*a["clamp"])
 
 
+def _lower_mul(bb, node, xs, qs, model):
+    (a, b), (qa, qb) = xs, qs
+    op = node_arithmetic(node, model.profile)
+    m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
+    y = arith.requantize((a - qa.zero_point) * (b - qb.zero_point), m, t, op.rounding, scheme=op.scheme)
+    return (y + node.quant.zero_point).clip(*node.attrs["clamp"])
+
+
 def _lower_concat(bb, node, xs, qs, model):
     a = node.attrs
     if a["input_multipliers"] is not None:
@@ -446,6 +454,7 @@ _LOWER = {
     "conv2d": _lower_conv2d,
     "linear": _lower_linear,
     "add": _lower_add,
+    "mul": _lower_mul,
     "concat": _lower_concat,
     "maxpool2d": _lower_maxpool2d,
     "avgpool2d": _lower_avgpool2d,

@@ -25,7 +25,7 @@ from qftsim.errors import QftsimError
 
 SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
              "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-             "Flatten/view/reshape, add, cat (channels), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
+             "Flatten/view/reshape, add, mul (two tensors, broadcasting), cat (channels), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
              "SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
 # pointwise functions that become exact look-up tables over the input's integer range; a node's attrs hold the
 # function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
@@ -50,7 +50,7 @@ class FNode:
     """One op of the canonical float graph; `act` is a fused clamp (lo, hi) in real units."""
 
     name: str
-    kind: str  # input conv linear add cat maxpool avgpool reshape clamp lut
+    kind: str  # input conv linear add mul cat maxpool avgpool reshape clamp lut
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None
@@ -117,6 +117,8 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
         y = F.linear(xs[0], n.weight.to(xs[0]), n.bias.to(xs[0]))
     elif n.kind == "add":
         y = xs[0] + xs[1]
+    elif n.kind == "mul":
+        y = xs[0] * xs[1]
     elif n.kind == "cat":
         y = torch.cat(xs, dim=1)
     elif n.kind == "maxpool":
@@ -351,6 +353,8 @@ def _from_function(node, name, ins, alias):
         if len(ins) != 2:
             raise _unsupported(node, "add of a tensor and a constant")
         return FNode(name, "add", ins)
+    if t in (operator.mul, torch.mul):
+        return _mul(node, name, ins)
     if t is torch.cat:
         if _kw(node, 1, "dim", 0) not in (1, -3):
             raise _unsupported(node, "cat on an axis other than channels")
@@ -437,6 +441,8 @@ def _from_aten(node, name, ins, alias, consts):
         return _act(name, ins, -INF if lo is None else lo, INF if hi is None else hi)
     if t in (aten.add.Tensor, aten.add_.Tensor):
         return FNode(name, "add", ins)
+    if t in (aten.mul.Tensor, aten.mul_.Tensor):
+        return _mul(node, name, ins)
     if t is aten.cat.default:
         if (args[1] if len(args) > 1 else 0) not in (1, -3):
             raise _unsupported(node, "cat on an axis other than channels")
@@ -490,9 +496,17 @@ def _from_method(node, name, ins, alias):
         return FNode(name, "reshape", ins[:1])
     if method == "relu":
         return _act(name, ins, 0, INF)
+    if method in ("mul", "mul_"):
+        return _mul(node, name, ins)
     if method in ("sigmoid", "tanh"):
         return _lut(name, ins, method)
     raise _unsupported(node, f"Tensor.{method}")
+
+
+def _mul(node, name, ins):
+    if len(ins) != 2:
+        raise _unsupported(node, "mul of a tensor and a constant")
+    return FNode(name, "mul", ins)
 
 
 def _flatten(node, name, ins, start, end):
@@ -582,7 +596,7 @@ def _fold_pad(g: FGraph, pad: FNode) -> None:
 
 
 def _fuse_clamp(g: FGraph, clamp: FNode) -> None:
-    producer = _sole_producer(g, clamp, ("conv", "linear", "add"))
+    producer = _sole_producer(g, clamp, ("conv", "linear", "add", "mul"))
     if producer is None:
         return  # stays a standalone clamp
     lo, hi = clamp.act

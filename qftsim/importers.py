@@ -17,7 +17,7 @@ import numpy as np
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requant
 from qftsim.profile import HardwareProfile, load_profile
 
 TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
@@ -233,8 +233,8 @@ class _TfliteImporter:
             real = np.float64(s_in32) * s_w.astype(np.float64) / (np.float64(s_out32) * divisor)
         m, t = arith.op_multipliers(np.asarray(real, dtype=np.float64), arithmetic.scheme, rq.multiplier_bits,
                                     rq.shift_range)
-        dtype = np.int64 if arithmetic.scheme == "float64" else np.int32
-        return m.astype(dtype), t.astype(np.int32)
+        stored = stored_requant(m, t, arithmetic.scheme)
+        return stored["multiplier"], stored["shift"]
 
     # ------------------------------------------------------------ ops
 

@@ -27,11 +27,11 @@ import numpy as np
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.profile import HardwareProfile, OpArithmetic, int_range
+from qftsim.profile import ARITHMETIC_OPS, HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
-FORMAT_VERSION = 2  # 2: the mean op and conv2d's depthwise attribute
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: the mean op and conv2d's depthwise attribute; 3: mul
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -380,6 +380,7 @@ OP_ATTRS: dict[str, dict] = {
     "concat": {"input_multipliers": None, "input_shifts": None},
     "maxpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0]},
     "avgpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0], "count_include_pad": True},
+    "mul": {"clamp": None},  # elementwise, the inputs broadcasting (squeeze-excite's x * gate)
     "mean": {"clamp": None},  # over height and width: (C, H, W) -> (C,), its own output scale
     "clamp": {"clamp": None},
     "reshape": {"shape": None},
@@ -390,8 +391,9 @@ OP_ARRAYS = {
     "linear": ("weight", "bias", "multiplier", "shift"),
     "lut": ("table",),
     "mean": ("multiplier", "shift"),
+    "mul": ("multiplier", "shift"),
 }
-OP_ARITY = {"add": 2}
+OP_ARITY = {"add": 2, "mul": 2}
 
 
 def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
@@ -399,9 +401,15 @@ def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
     op = node.op
     if op == "conv2d" and node.attrs["depthwise"]:
         op = "depthwise_conv2d"
-    if op not in ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "concat", "avgpool2d"):
+    if op not in ARITHMETIC_OPS:
         raise KeyError(f"{node.op} has no arithmetic of its own")
     return profile.arithmetic(op)
+
+
+def stored_requant(m, t, scheme: str) -> dict[str, np.ndarray]:
+    """A node's `multiplier` and `shift` arrays as stored: float64's 53-bit multipliers need int64."""
+    return {"multiplier": np.asarray(m).astype(np.int64 if scheme == "float64" else np.int32),
+            "shift": np.asarray(t).astype(np.int32)}
 
 
 # Stored multipliers: widths by requantization scheme (fixed point: the profile's multiplier_bits).
@@ -631,14 +639,34 @@ def _check_pool(node, profile, in_shapes, in_quants):
     return (shape[0], _window_out(node, shape[1], kh, sh, pt + pb), _window_out(node, shape[2], kw, sw, pl + pr))
 
 
-def _check_mean(node, profile, in_shapes, in_quants):
-    (shape,) = in_shapes
-    if len(shape) != 3:
-        raise _err(node, f"input must be (C, H, W), got {shape}")
+def _check_tensor_requant(node, profile) -> None:
+    """One multiplier and shift for the whole output (mean, mul), in the range of the op's scheme."""
     m, t = node.arrays["multiplier"], node.arrays["shift"]
     if m.shape != (1,) or t.shape != (1,):
         raise _err(node, f"multiplier and shift must have shape (1,), got {m.shape} and {t.shape}")
     _check_requant(node, profile, m, t, "output", node_arithmetic(node, profile).scheme)
+
+
+def broadcast_shape(node: Node, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of an elementwise op's output: inputs of one rank, each axis equal or 1 in one of them."""
+    if len(a) != len(b) or any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        raise _err(node, f"input shapes {a} and {b} do not broadcast (same rank, each axis equal or 1)")
+    return tuple(max(x, y) for x, y in zip(a, b))
+
+
+def _check_mul(node, profile, in_shapes, in_quants):
+    shape = broadcast_shape(node, *in_shapes)
+    _check_tensor_requant(node, profile)
+    if max_abs_centered(in_quants[0]) * max_abs_centered(in_quants[1]) > arith.INT32_MAX:
+        raise _err(node, "the product of the centred inputs could leave int32")
+    return shape
+
+
+def _check_mean(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    _check_tensor_requant(node, profile)
     if shape[1] * shape[2] * max_abs_centered(in_quants[0]) > arith.INT32_MAX:
         raise _err(node, f"a sum over {shape[1]} x {shape[2]} values could leave int32")
     return (shape[0],)
@@ -685,6 +713,7 @@ _CHECKS = {
     "conv2d": _check_conv2d,
     "linear": _check_linear,
     "add": _check_add,
+    "mul": _check_mul,
     "concat": _check_concat,
     "maxpool2d": _check_pool,
     "avgpool2d": _check_pool,

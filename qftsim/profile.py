@@ -26,13 +26,13 @@ READABLE_VERSIONS = (1, 2)  # version 1 has no `arithmetic` section: every op fo
 # ruy: ruy's fixed-point multiply (TFLite's optimized kernels): the high half of x * m rounded half up,
 # then a right shift that also rounds half up (gemmlowp_double breaks that second tie away from zero).
 ROUNDING_MODES = ("gemmlowp_double", "ruy", "half_up", "half_away", "half_even", "floor")
-OP_KINDS = ("conv2d", "linear", "add", "concat", "maxpool2d", "avgpool2d", "mean", "clamp", "reshape", "lut")
+OP_KINDS = ("conv2d", "linear", "add", "mul", "concat", "maxpool2d", "avgpool2d", "mean", "clamp", "reshape", "lut")
 # Requantization schemes: an integer multiplier and shift, a shift alone, or a float multiply as
 # XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
 REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")
 # Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d is a conv2d
 # node marked depthwise (TFLite's DEPTHWISE_CONV_2D).
-ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "concat", "avgpool2d")
+ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "mul", "concat", "avgpool2d")
 
 _REQUIRED = object()
 
@@ -117,8 +117,8 @@ _OP_ARITHMETIC_FIELDS = {
 }
 _OP_ARITHMETIC_KEYS = {
     "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
-    "linear": ("scheme", "rounding"),
-    "mean": ("scheme", "rounding"), "concat": ("rounding",), "add": ("rounding", "form", "element_block", "tail_rounding"),
+    "linear": ("scheme", "rounding"), "mean": ("scheme", "rounding"), "mul": ("scheme", "rounding"),
+    "concat": ("rounding",), "add": ("rounding", "form", "element_block", "tail_rounding"),
     "avgpool2d": ("rounding", "domain"),
 }
 

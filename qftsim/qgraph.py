@@ -28,12 +28,12 @@ from torch import nn
 from qftsim import arith
 from qftsim.capture import FGraph, FNode, lut_function
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requant
 from qftsim.profile import HardwareProfile, OpArithmetic, int_range, trainer_refusals
 
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
 # the IntModel op each captured node kind becomes
-INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "cat": "concat", "maxpool": "maxpool2d",
+INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "mul": "mul", "cat": "concat", "maxpool": "maxpool2d",
            "avgpool": "avgpool2d", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
 _SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
 _BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
@@ -415,6 +415,17 @@ class QGraph(nn.Module):
         y = y + self.zero_points[n.name]
         return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
 
+    def mul_multipliers(self, n: FNode):
+        """(factor, m, t) of the product of the centred inputs to the output: s_a * s_b / s_out."""
+        s_a, s_b = (self.act_scale(i) for i in n.inputs)
+        return self.multipliers((s_a * s_b / self.act_scale(n.name)).reshape(1), self.arithmetic(n).scheme)
+
+    def _mul(self, n: FNode, xs):
+        a, b = (x - self.zero_points[self.quant_source[name]] for x, name in zip(xs, n.inputs))
+        factor, m, t = self.mul_multipliers(n)
+        y = self._round(a * b, factor.to(a.dtype), m, t, self.arithmetic(n)) + self.zero_points[n.name]
+        return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
+
     def _cat(self, n: FNode, xs):
         qmin, qmax = self.qrange(n.name)
         parts = []
@@ -490,8 +501,7 @@ class QGraph(nn.Module):
                 _, m, t = self.multipliers(self.requant_factor(n), scheme)
                 arrays = {"weight": self.int_weight(n).double().numpy().astype(w_dtype),
                           "bias": self.int_bias(n).double().numpy().astype(np.int32),
-                          "multiplier": m.astype(np.int64 if scheme == "float64" else np.int32),
-                          "shift": t.astype(np.int32)}
+                          **stored_requant(m, t, scheme)}
                 attrs = {"clamp": list(self.clamp_bounds(n.name, n.act))}
                 if n.kind == "conv":
                     attrs.update(stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
@@ -504,6 +514,11 @@ class QGraph(nn.Module):
                     "input_multipliers": [int(ma[0]), int(mb[0])], "input_shifts": [int(ta[0]), int(tb[0])],
                     "multiplier": int(mo[0]), "shift": int(to[0]), "left_shift": p.ops.add_left_shift,
                     "clamp": list(self.clamp_bounds(n.name, n.act))}))
+            elif n.kind == "mul":
+                _, m, t = self.mul_multipliers(n)
+                nodes.append(Node(n.name, "mul", list(n.inputs), quant,
+                                  {"clamp": list(self.clamp_bounds(n.name, n.act))},
+                                  stored_requant(m, t, self.arithmetic(n).scheme)))
             elif n.kind == "cat":
                 pairs = [(int(m[0]), int(t[0])) for _, m, t in self.cat_multipliers(n)]
                 nodes.append(Node(n.name, "concat", list(n.inputs), quant, {

@@ -429,6 +429,15 @@ class _Simulator:
         y = y + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 
+    def _mul(self, node, xs, in_quants):
+        """The product of the centred inputs (broadcasting), requantized to the output's scale."""
+        (a, b), (qa, qb) = xs, in_quants
+        product = (a.to(torch.float64) - qa.zero_point) * (b.to(torch.float64) - qb.zero_point)  # exact: < 2^31
+        op = node_arithmetic(node, self.profile)
+        m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
+        y = arith.requantize(product, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
+        return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
+
     def _concat(self, node, xs, in_quants):
         a = node.attrs
         if a["input_multipliers"] is not None:

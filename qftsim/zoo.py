@@ -12,7 +12,7 @@ from torch import nn
 
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requant
 from qftsim.profile import HardwareProfile, load_profile
 
 
@@ -60,7 +60,8 @@ def _multipliers(p: HardwareProfile, out_channels: int, q_in: TensorQuant, w: np
     count = out_channels if p.requant.per_channel else 1
     scheme = p.arithmetic(op).scheme
     m, t = arith.op_multipliers(np.full(count, real), scheme, p.requant.multiplier_bits, p.requant.shift_range)
-    return m.astype(np.int64 if scheme == "float64" else np.int32), t.astype(np.int32)
+    stored = stored_requant(m, t, scheme)
+    return stored["multiplier"], stored["shift"]
 
 
 # ---------------------------------------------------------------- reference networks on MNIST

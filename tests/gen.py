@@ -11,11 +11,12 @@ import numpy as np
 from hypothesis import assume, strategies as st
 
 from qftsim import QftsimError, arith, intmodel, list_profiles, load_profile
-from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
+from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requant
 from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
-SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "concat", "clamp", "lut")
-FLAT_OPS = ("linear", "linear", "clamp", "lut", "add")
+SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "mul", "concat", "clamp",
+               "lut")
+FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul")
 
 
 @st.composite
@@ -39,7 +40,8 @@ def profiles(draw) -> HardwareProfile:
     if draw(st.booleans()):  # per-op arithmetic (schema 2) on top of whatever the profile states
         d["schema_version"] = 2
         arithmetic = d.setdefault("arithmetic", {})
-        for op in draw(st.lists(st.sampled_from(["conv2d", "depthwise_conv2d", "linear", "mean"]), max_size=3)):
+        for op in draw(st.lists(st.sampled_from(["conv2d", "depthwise_conv2d", "linear", "mean", "mul"]),
+                                max_size=3)):
             scheme = draw(st.sampled_from(["fixed_point", "float32", "float64", "shift_only"]))
             rounding = draw(st.sampled_from([r for r in ROUNDING_MODES if scheme == "fixed_point"
                                              or r not in ("gemmlowp_double", "ruy")]))
@@ -115,9 +117,7 @@ class _Builder:
         scheme = self.p.arithmetic(op).scheme
         m, t = self.requant_pair(count, spread * np.sqrt(per_row), scheme)
         dtype = np.int8 if w_spec.bits <= 8 else np.int16
-        m_dtype = np.int64 if scheme == "float64" else np.int32
-        return {"weight": weight.astype(dtype), "bias": bias.astype(np.int32), "multiplier": m.astype(m_dtype),
-                "shift": t.astype(np.int32)}
+        return {"weight": weight.astype(dtype), "bias": bias.astype(np.int32), **stored_requant(m, t, scheme)}
 
 
 @st.composite
@@ -207,9 +207,20 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             out_q = b.quant()
             spread = max(q.qmax - q.zero_point, q.zero_point - q.qmin, 1) * h * w
             m, t = b.requant_pair(1, spread, p.arithmetic("mean").scheme)
-            m_dtype = np.int64 if p.arithmetic("mean").scheme == "float64" else np.int32
             current = b.add(name, "mean", [current], out_q, {"clamp": b.clamp_for(out_q)},
-                            {"multiplier": m.astype(m_dtype), "shift": t.astype(np.int32)}, (c,))
+                            stored_requant(m, t, p.arithmetic("mean").scheme), (c,))
+        elif op == "mul":  # with any tensor it broadcasts against (a squeeze-excite gate: C x 1 x 1)
+            partners = [t for t, s in b.shapes.items()
+                        if len(s) == len(shape) and all(u == v or 1 in (u, v) for u, v in zip(s, shape))]
+            broadcasting = [t for t in partners if b.shapes[t] != shape]
+            other = draw(st.sampled_from(broadcasting if broadcasting and draw(st.booleans()) else partners))
+            out_q, q_other = b.quant(), b.quants[other]
+            spread = max(q.qmax - q.zero_point, q.zero_point - q.qmin, 1) * max(
+                q_other.qmax - q_other.zero_point, q_other.zero_point - q_other.qmin, 1)
+            m, t = b.requant_pair(1, spread, p.arithmetic("mul").scheme)
+            out_shape = tuple(max(u, v) for u, v in zip(shape, b.shapes[other]))
+            current = b.add(name, "mul", [current, other], out_q, {"clamp": b.clamp_for(out_q)},
+                            stored_requant(m, t, p.arithmetic("mul").scheme), out_shape)
         elif op == "clamp":
             current = b.add(name, "clamp", [current], q, {"clamp": b.clamp_for(q)}, None, shape)
         elif op == "lut":

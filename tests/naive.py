@@ -129,7 +129,7 @@ def run_model(model, x):
         ins = [env[s] for s in node.inputs]
         qin = [model.quant_of(s) for s in node.inputs]
         a, arr, qo = node.attrs, node.arrays, node.quant
-        if node.op in ("conv2d", "linear", "mean", "add", "concat", "avgpool2d"):
+        if node.op in ("conv2d", "linear", "mean", "add", "mul", "concat", "avgpool2d"):
             op_arith = node_arithmetic(node, p)
             rounding, scheme = op_arith.rounding, op_arith.scheme
             out_channels = len(arr["weight"]) if node.op in ("conv2d", "linear") else 0
@@ -190,6 +190,15 @@ def run_model(model, x):
                     total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, r_mode)
                 r = requantize(total, a["multiplier"], a["shift"], r_mode) + qo.zero_point
                 out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
+        elif node.op == "mul":
+            (av, bv), (qa, qb) = ins, qin
+            shape = (av.shape[0],) + model.shapes[node.name]
+            out = np.empty(shape, dtype=object)
+            for idx in np.ndindex(*shape):  # an axis of size 1 repeats its one value
+                va = int(av[tuple(i if s > 1 else 0 for i, s in zip(idx, av.shape))]) - qa.zero_point
+                vb = int(bv[tuple(i if s > 1 else 0 for i, s in zip(idx, bv.shape))]) - qb.zero_point
+                r = requantize(va * vb, int(arr["multiplier"][0]), int(arr["shift"][0]), rounding, scheme)
+                out[idx] = max(a["clamp"][0], min(a["clamp"][1], r + qo.zero_point))
         elif node.op == "concat":
             parts = []
             for xv, q, i in zip(ins, qin, range(len(ins))):
