@@ -431,7 +431,8 @@ def _lower_clamp(bb, node, xs, qs, model):
 
 def _lower_mean(bb, node, xs, qs, model):
     (x,), (q,) = xs, qs
-    total = _emit_int(bb, relax.op.sum((x - q.zero_point).expr, axis=[2, 3]))
+    total = _emit_int(bb, relax.op.sum((x - q.zero_point).expr, axis=node.attrs["axes"],
+                                       keepdims=node.attrs["keepdim"]))
     op = node_arithmetic(node, model.profile)
     m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
     y = arith.requantize(total, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point

@@ -25,7 +25,8 @@ from qftsim.errors import QftsimError
 
 SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
              "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-             "Flatten/view/reshape, add, mul (two tensors, broadcasting), cat (channels), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
+             "Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, broadcasting), cat (channels), "
+             "and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
              "SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
 # pointwise functions that become exact look-up tables over the input's integer range; a node's attrs hold the
 # function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
@@ -50,7 +51,7 @@ class FNode:
     """One op of the canonical float graph; `act` is a fused clamp (lo, hi) in real units."""
 
     name: str
-    kind: str  # input conv linear add mul cat maxpool avgpool reshape clamp lut
+    kind: str  # input conv linear add mul cat maxpool avgpool mean reshape clamp lut
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None
@@ -133,6 +134,8 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
         else:
             ones = torch.ones_like(xs[0][:1, :1])
             y = total / F.avg_pool2d(F.pad(ones, (pl, pr, pt, pb)), (kh, kw), a["stride"], divisor_override=1)
+    elif n.kind == "mean":
+        y = xs[0].mean(dim=a["axes"], keepdim=a["keepdim"])
     elif n.kind == "reshape":
         y = xs[0].reshape((xs[0].shape[0],) + n.shape)
     elif n.kind == "clamp":
@@ -355,6 +358,8 @@ def _from_function(node, name, ins, alias):
         return FNode(name, "add", ins)
     if t in (operator.mul, torch.mul):
         return _mul(node, name, ins)
+    if t is torch.mean:
+        return _mean(node, name, ins, _kw(node, 1, "dim", None), _kw(node, 2, "keepdim", False))
     if t is torch.cat:
         if _kw(node, 1, "dim", 0) not in (1, -3):
             raise _unsupported(node, "cat on an axis other than channels")
@@ -457,8 +462,9 @@ def _from_aten(node, name, ins, alias, consts):
                      a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
     if t is aten.adaptive_avg_pool2d.default:
         return _global_pool(node, name, ins, args[1])
-    if t is aten.mean.dim and sorted(int(d) % 4 for d in args[1]) == [2, 3] and len(args) > 2 and args[2]:
-        return _global_pool(node, name, ins, 1)
+    if t is aten.mean.dim:
+        a = _schema_arguments(node)
+        return _mean(node, name, ins, a["dim"], a["keepdim"])
     if t is aten.flatten.using_ints:
         return _flatten(node, name, ins, args[1] if len(args) > 1 else 0, args[2] if len(args) > 2 else -1)
     if t in (aten.view.default, aten.reshape.default):
@@ -498,6 +504,8 @@ def _from_method(node, name, ins, alias):
         return _act(name, ins, 0, INF)
     if method in ("mul", "mul_"):
         return _mul(node, name, ins)
+    if method == "mean":
+        return _mean(node, name, ins, _kw(node, 1, "dim", None), _kw(node, 2, "keepdim", False))
     if method in ("sigmoid", "tanh"):
         return _lut(name, ins, method)
     raise _unsupported(node, f"Tensor.{method}")
@@ -507,6 +515,16 @@ def _mul(node, name, ins):
     if len(ins) != 2:
         raise _unsupported(node, "mul of a tensor and a constant")
     return FNode(name, "mul", ins)
+
+
+def _mean(node, name, ins, dims, keepdim):
+    """A mean over `dims` (negative ones counted from the end) with its own output scale."""
+    rank = len(node.args[0].meta["tensor_meta"].shape)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    axes = sorted({int(d) % rank for d in dims})
+    if not dims or 0 in axes:
+        raise _unsupported(node, "mean over the batch axis (give the axes, without 0)")
+    return FNode(name, "mean", ins[:1], {"axes": axes, "keepdim": bool(keepdim)})
 
 
 def _flatten(node, name, ins, start, end):

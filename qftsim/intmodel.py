@@ -30,7 +30,7 @@ from qftsim.errors import QftsimError
 from qftsim.profile import ARITHMETIC_OPS, HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
-FORMAT_VERSION = 3  # 2: the mean op and conv2d's depthwise attribute; 3: mul
+FORMAT_VERSION = 3  # 2: the mean op and conv2d's depthwise attribute; 3: mul, mean's axes and keepdim
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -381,7 +381,8 @@ OP_ATTRS: dict[str, dict] = {
     "maxpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0]},
     "avgpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0], "count_include_pad": True},
     "mul": {"clamp": None},  # elementwise, the inputs broadcasting (squeeze-excite's x * gate)
-    "mean": {"clamp": None},  # over height and width: (C, H, W) -> (C,), its own output scale
+    # the centred values summed over `axes` (counted in the batched tensor), requantized to its own scale
+    "mean": {"axes": [2, 3], "keepdim": False, "clamp": None},
     "clamp": {"clamp": None},
     "reshape": {"shape": None},
     "lut": {},
@@ -662,14 +663,30 @@ def _check_mul(node, profile, in_shapes, in_quants):
     return shape
 
 
+def mean_axes(node: Node, shape: tuple[int, ...]) -> list[int]:
+    """The axes a mean sums over, counted in the batched tensor (1 is the first axis after the batch)."""
+    axes = node.attrs["axes"]
+    if not (isinstance(axes, list) and axes and all(type(a) is int and 1 <= a <= len(shape) for a in axes)
+            and len(set(axes)) == len(axes)):
+        raise _err(node, f"axes must be distinct integers in [1, {len(shape)}] (1 is the axis after the batch), "
+                         f"got {axes!r}")
+    return sorted(axes)
+
+
 def _check_mean(node, profile, in_shapes, in_quants):
     (shape,) = in_shapes
-    if len(shape) != 3:
-        raise _err(node, f"input must be (C, H, W), got {shape}")
+    axes = mean_axes(node, shape)
+    if type(node.attrs["keepdim"]) is not bool:
+        raise _err(node, f"attribute 'keepdim' must be true or false, got {node.attrs['keepdim']!r}")
     _check_tensor_requant(node, profile)
-    if shape[1] * shape[2] * max_abs_centered(in_quants[0]) > arith.INT32_MAX:
-        raise _err(node, f"a sum over {shape[1]} x {shape[2]} values could leave int32")
-    return (shape[0],)
+    count = math.prod(shape[a - 1] for a in axes)
+    if count * max_abs_centered(in_quants[0]) > arith.INT32_MAX:
+        raise _err(node, f"a sum over {count} values could leave int32")
+    if node.attrs["keepdim"]:
+        return tuple(1 if i + 1 in axes else s for i, s in enumerate(shape))
+    if len(axes) == len(shape):
+        raise _err(node, "a mean over every axis but the batch needs keepdim: true")
+    return tuple(s for i, s in enumerate(shape) if i + 1 not in axes)
 
 
 def max_abs_centered(q: TensorQuant) -> int:

@@ -34,7 +34,7 @@ from qftsim.profile import HardwareProfile, OpArithmetic, int_range, trainer_ref
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
 # the IntModel op each captured node kind becomes
 INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "mul": "mul", "cat": "concat", "maxpool": "maxpool2d",
-           "avgpool": "avgpool2d", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
+           "avgpool": "avgpool2d", "mean": "mean", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
 _SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
 _BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
 
@@ -459,6 +459,20 @@ class QGraph(nn.Module):
             return round_like_ste(total / count, op.rounding) + zp
         return arith.average(total.round(), count, zp, op.rounding, op.domain)
 
+    def mean_multipliers(self, n: FNode):
+        """(factor, m, t) of the sum of the centred inputs to the output: s_in / (s_out * count)."""
+        shape = self.fg.node(n.inputs[0]).shape
+        count = math.prod(shape[a - 1] for a in n.attrs["axes"])
+        real = self.act_scale(n.inputs[0]) / (self.act_scale(n.name) * count)
+        return self.multipliers(real.reshape(1), self.arithmetic(n).scheme)
+
+    def _mean(self, n: FNode, xs):
+        total = (xs[0] - self.zero_points[self.quant_source[n.inputs[0]]]).sum(n.attrs["axes"],
+                                                                               keepdim=n.attrs["keepdim"])
+        factor, m, t = self.mean_multipliers(n)
+        y = self._round(total, factor.to(total.dtype), m, t, self.arithmetic(n)) + self.zero_points[n.name]
+        return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
+
     def _reshape(self, n: FNode, xs):
         return xs[0].reshape((xs[0].shape[0],) + n.shape)
 
@@ -514,10 +528,11 @@ class QGraph(nn.Module):
                     "input_multipliers": [int(ma[0]), int(mb[0])], "input_shifts": [int(ta[0]), int(tb[0])],
                     "multiplier": int(mo[0]), "shift": int(to[0]), "left_shift": p.ops.add_left_shift,
                     "clamp": list(self.clamp_bounds(n.name, n.act))}))
-            elif n.kind == "mul":
-                _, m, t = self.mul_multipliers(n)
-                nodes.append(Node(n.name, "mul", list(n.inputs), quant,
-                                  {"clamp": list(self.clamp_bounds(n.name, n.act))},
+            elif n.kind in ("mul", "mean"):
+                _, m, t = getattr(self, f"{n.kind}_multipliers")(n)
+                attrs = {"axes": list(n.attrs["axes"]), "keepdim": n.attrs["keepdim"]} if n.kind == "mean" else {}
+                nodes.append(Node(n.name, n.kind, list(n.inputs), quant,
+                                  {**attrs, "clamp": list(self.clamp_bounds(n.name, n.act))},
                                   stored_requant(m, t, self.arithmetic(n).scheme)))
             elif n.kind == "cat":
                 pairs = [(int(m[0]), int(t[0])) for _, m, t in self.cat_multipliers(n)]

@@ -481,9 +481,9 @@ class _Simulator:
         return y
 
     def _mean(self, node, xs, in_quants):
-        """The sum over height and width of the centred values, requantized to the output's scale."""
+        """The sum over `axes` of the centred values, requantized to the output's scale."""
         (x,), (q,) = xs, in_quants
-        total = (x.to(torch.float64) - q.zero_point).sum(dim=(2, 3))  # exact: below 2^31
+        total = (x.to(torch.float64) - q.zero_point).sum(dim=node.attrs["axes"], keepdim=node.attrs["keepdim"])
         op = node_arithmetic(node, self.profile)
         m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
         y = arith.requantize(total, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point

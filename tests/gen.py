@@ -16,7 +16,7 @@ from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
 SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "mul", "concat", "clamp",
                "lut")
-FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul")
+FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul", "mean")
 
 
 @st.composite
@@ -203,12 +203,18 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             channels = sum(b.shapes[mbr][0] for mbr in members)
             current = b.add(name, "concat", members, out_q, attrs, None, (channels,) + shape[1:])
         elif op == "mean":
-            c, h, w = shape
+            rank = len(shape)
+            axes = draw(st.lists(st.integers(1, rank), min_size=1, max_size=rank, unique=True))
+            # other ops take (C, H, W) or (features,): a mean keeps the rank, or goes from (C, H, W) to (C,)
+            keepdim = sorted(axes) != [2, 3] or draw(st.booleans())
             out_q = b.quant()
-            spread = max(q.qmax - q.zero_point, q.zero_point - q.qmin, 1) * h * w
+            count = int(np.prod([shape[d - 1] for d in axes]))
+            spread = max(q.qmax - q.zero_point, q.zero_point - q.qmin, 1) * count
             m, t = b.requant_pair(1, spread, p.arithmetic("mean").scheme)
-            current = b.add(name, "mean", [current], out_q, {"clamp": b.clamp_for(out_q)},
-                            stored_requant(m, t, p.arithmetic("mean").scheme), (c,))
+            out_shape = tuple(1 if d + 1 in axes else s for d, s in enumerate(shape) if keepdim or d + 1 not in axes)
+            current = b.add(name, "mean", [current], out_q, {"axes": axes, "keepdim": keepdim,
+                                                             "clamp": b.clamp_for(out_q)},
+                            stored_requant(m, t, p.arithmetic("mean").scheme), out_shape)
         elif op == "mul":  # with any tensor it broadcasts against (a squeeze-excite gate: C x 1 x 1)
             partners = [t for t, s in b.shapes.items()
                         if len(s) == len(shape) and all(u == v or 1 in (u, v) for u, v in zip(s, shape))]

@@ -235,11 +235,18 @@ def run_model(model, x):
                         out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point
         elif node.op == "mean":
             (xv,), (q,) = ins, qin
-            out = np.empty(xv.shape[:2], dtype=object)
-            for n, c in np.ndindex(*xv.shape[:2]):
-                total = sum(int(v) - q.zero_point for v in xv[n, c].flat)
+            axes = sorted(a["axes"])
+            kept = [d for d in range(xv.ndim) if d not in axes]
+            out = np.empty([xv.shape[d] for d in kept], dtype=object)
+            for idx in np.ndindex(*out.shape):
+                where = [slice(None)] * xv.ndim
+                for d, i in zip(kept, idx):
+                    where[d] = i
+                total = sum(int(v) - q.zero_point for v in xv[tuple(where)].flat)
                 r = requantize(total, int(arr["multiplier"][0]), int(arr["shift"][0]), rounding, scheme) + qo.zero_point
-                out[n, c] = max(a["clamp"][0], min(a["clamp"][1], r))
+                out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
+            if a["keepdim"]:
+                out = out.reshape([1 if d in axes else xv.shape[d] for d in range(xv.ndim)])
         elif node.op == "clamp":
             out = np.vectorize(lambda v: max(a["clamp"][0], min(a["clamp"][1], int(v))), otypes=[object])(ins[0])
         elif node.op == "reshape":
