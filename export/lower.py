@@ -385,7 +385,22 @@ def _lower_concat(bb, node, xs, qs, model):
         xs = [(arith.requantize(x - q.zero_point, m, t, rounding) + out.zero_point)
               .clip(out.qmin, out.qmax)
               for x, q, m, t in zip(xs, qs, a["input_multipliers"], a["input_shifts"])]
-    return _emit_int(bb, relax.op.concat([x.expr for x in xs], axis=1))
+    return _emit_int(bb, relax.op.concat([x.expr for x in xs], axis=a["axis"]))
+
+
+def _lower_resize(bb, node, xs, qs, model):
+    (x,) = xs
+    in_hw = model.shapes[node.inputs[0]][1:]
+
+    def take(t: IntExpr, indices: np.ndarray, axis: int) -> IntExpr:
+        return _emit_int(bb, relax.op.take(t.expr, _const(indices, "int32"), axis=axis))
+
+    return arith.resize(x, in_hw, node.attrs["mode"], node.attrs["size"], take)
+
+
+def _lower_slice(bb, node, xs, qs, model):
+    a = node.attrs
+    return _emit_int(bb, relax.op.strided_slice(xs[0].expr, [a["axis"]], [a["start"]], [a["stop"]]))
 
 
 def _lower_maxpool2d(bb, node, xs, qs, model):
@@ -463,4 +478,6 @@ _LOWER = {
     "clamp": _lower_clamp,
     "reshape": _lower_reshape,
     "lut": _lower_lut,
+    "resize": _lower_resize,
+    "slice": _lower_slice,
 }

@@ -586,6 +586,60 @@ def average(total, count, zero_point: int, rounding: str, domain: str):
     return divide_rounded(total, count, rounding) + zero_point
 
 
+# ---------------------------------------------------------------- resizing
+
+BILINEAR_FRACTION_BITS = 10  # TFLite's integer bilinear resize: positions and weights in 1/1024
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """The input index of each output index under nearest resizing: floor(out * in / out_size), exact
+    (torch's `nearest` and TFLite's RESIZE_NEAREST_NEIGHBOR without half-pixel centres, for whole ratios)."""
+    return np.arange(out_size, dtype=np.int64) * in_size // out_size
+
+
+def bilinear_taps(in_size: int, out_size: int):
+    """(lower index, upper index, lower weight, upper weight) per output index, the weights in 1/1024 summing
+    to 1024: TFLite's ResizeBilinearInteger with half-pixel centres (torch's align_corners=False)."""
+    one = 1 << BILINEAR_FRACTION_BITS
+    scale = (one * in_size + out_size // 2) // out_size
+    position = np.arange(out_size, dtype=np.int64) * scale + scale // 2 - one // 2
+    # (C's division truncates toward zero; a negative position, at least -512, gives 0 either way)
+    lower = np.maximum(position // one, 0)
+    upper = np.minimum((position + one - 1) // one, in_size - 1)
+    upper_weight = position - one * lower
+    return lower, upper, one - upper_weight, upper_weight
+
+
+def take_torch(x: torch.Tensor, indices: np.ndarray, axis: int) -> torch.Tensor:
+    """`resize`'s gather for torch tensors."""
+    return x.index_select(axis, torch.from_numpy(indices))
+
+
+def resize(x, in_hw: tuple[int, int], mode: str, out_hw: tuple[int, int], take):
+    """Nearest or bilinear resizing of (N, C, H, W) integers from `in_hw` to `out_hw`; `take(x, indices, axis)`
+    gathers (torch's index_select, Relax's take)."""
+    if mode == "nearest":
+        rows = take(x, nearest_indices(in_hw[0], out_hw[0]), 2)
+        return take(rows, nearest_indices(in_hw[1], out_hw[1]), 3)
+    return resize_bilinear(x, in_hw, out_hw, take)
+
+
+def resize_bilinear(x, in_hw: tuple[int, int], out_hw: tuple[int, int], take):
+    """Bilinear resizing of raw integers (N, C, H, W) to `out_hw` as TFLite's integer kernel computes it: the
+    four taps' weighted sum in 1/2^20, then divided by 2^20 rounding half away from zero (in the raw domain,
+    zero point included; the output keeps the input's quantization). `take(x, indices, axis)` gathers."""
+    def weighted(t, taps, axis):
+        shape = [1, 1, 1, 1]
+        shape[axis] = -1
+        lower, upper = (w.reshape(shape) for w in taps[2:])
+        if _is_torch(t):
+            lower, upper = (torch.from_numpy(w).to(t.dtype) for w in (lower, upper))
+        return take(t, taps[0], axis) * lower + take(t, taps[1], axis) * upper
+
+    total = weighted(weighted(x, bilinear_taps(in_hw[0], out_hw[0]), 2), bilinear_taps(in_hw[1], out_hw[1]), 3)
+    return divide_rounded(total, 1 << (2 * BILINEAR_FRACTION_BITS), "half_away")
+
+
 # ---------------------------------------------------------------- accumulator
 
 def a2q_l1_bound(acc_bits: int, input_bits: int, input_signed: bool) -> int:

@@ -25,8 +25,9 @@ from qftsim.errors import QftsimError
 
 SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
              "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-             "Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, broadcasting), cat (channels), "
-             "and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
+             "Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, broadcasting), cat (any axis "
+             "but the batch), split/chunk/slicing (step 1, any axis but the batch), F.interpolate/Upsample (nearest at "
+             "whole ratios, bilinear without align_corners), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
              "SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
 # pointwise functions that become exact look-up tables over the input's integer range; a node's attrs hold the
 # function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
@@ -51,7 +52,7 @@ class FNode:
     """One op of the canonical float graph; `act` is a fused clamp (lo, hi) in real units."""
 
     name: str
-    kind: str  # input conv linear add mul cat maxpool avgpool mean reshape clamp lut
+    kind: str  # input conv linear add mul cat maxpool avgpool mean reshape clamp lut resize slice
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None
@@ -121,7 +122,12 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
     elif n.kind == "mul":
         y = xs[0] * xs[1]
     elif n.kind == "cat":
-        y = torch.cat(xs, dim=1)
+        y = torch.cat(xs, dim=a["axis"])
+    elif n.kind == "slice":
+        y = xs[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])
+    elif n.kind == "resize":
+        y = F.interpolate(xs[0], size=a["size"], mode=a["mode"], **({"align_corners": False}
+                                                                    if a["mode"] == "bilinear" else {}))
     elif n.kind == "maxpool":
         pt, pl, pb, pr = a["padding"]
         y = F.max_pool2d(F.pad(xs[0], (pl, pr, pt, pb), value=-INF), a["kernel"], a["stride"])
@@ -162,6 +168,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
     nodes: list[FNode] = []
     alias: dict[str, str] = {}  # removed identity nodes -> their input
     consts: dict[str, torch.Tensor] = {}  # get_attr nodes (parameters of a torch.export program)
+    splits: dict[str, tuple] = {}  # split/chunk nodes -> (input, axis, [(start, stop) of each part])
     unsupported: list[UnsupportedOp] = []
     taken = {node.name for node in gm.graph.nodes}
     for node in gm.graph.nodes:
@@ -177,7 +184,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FGraph:
             output = alias.get(out.name, out.name)
             continue
         try:
-            fnode = _convert(gm, node, alias, consts)
+            fnode = _convert(gm, node, alias, consts, splits)
         except UnsupportedOp as exc:  # keep going: the user hears of every op at once
             unsupported.append(exc)
             continue
@@ -263,11 +270,38 @@ def _unsupported_summary(errors: list[UnsupportedOp]) -> QftsimError:
                        f"{'; '.join(parts)}. Supported: {SUPPORTED}")
 
 
-def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict, consts: dict) -> FNode | None:
+SPLITS = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk",
+          torch.ops.aten.split.Tensor: "split", torch.ops.aten.split_with_sizes.default: "split",
+          torch.ops.aten.chunk.default: "chunk"}
+RESIZES = {F.interpolate: None, torch.ops.aten.upsample_nearest2d.vec: "nearest",
+           torch.ops.aten.upsample_bilinear2d.vec: "bilinear"}
+
+
+def _convert(gm: fx.GraphModule, node: fx.Node, alias: dict, consts: dict, splits: dict) -> FNode | None:
     name = node.name
     if node.op == "placeholder":
         return FNode(name, "input", [])
     ins = _arg_names(node.args, alias, consts)
+    if node.op in ("call_function", "call_method"):
+        if node.target in SPLITS:  # no node of its own: each of its parts that is used becomes a slice
+            splits[name] = (ins[0], *_split_bounds(node, SPLITS[node.target]))
+            return None
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            if node.args[0].name in splits:
+                source, axis, bounds = splits[node.args[0].name]
+                start, stop = bounds[node.args[1]]
+                return FNode(name, "slice", [source], {"axis": axis, "start": start, "stop": stop})
+            if isinstance(node.args[1], (tuple, slice)):
+                return _slicing(node, name, ins, node.args[1])
+        if node.target in RESIZES:
+            return _resize(node, name, ins, RESIZES.get(node.target))
+    if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor:
+        a = _schema_arguments(node)
+        dim = int(a["dim"]) % len(_input_shape(node))
+        part = slice(a["start"], a["end"], a["step"])
+        if part.indices(_input_shape(node)[dim]) == (0, _input_shape(node)[dim], 1):  # x[:, ...] on that axis
+            return _identity(name, ins, alias)
+        return _slicing(node, name, ins, (slice(None),) * dim + (part,))
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
         return _from_aten(node, name, ins, alias, consts)
     if node.op == "call_module":
@@ -292,6 +326,8 @@ def _act(name, ins, lo, hi):
 def _from_module(node, name, mod, ins, alias):
     if isinstance(mod, (nn.Identity, nn.Dropout)):
         return _identity(name, ins, alias)
+    if type(mod).__name__ == "GuardsFn":  # torch.export's check of the input shapes: nothing to compute
+        return None
     if isinstance(mod, nn.Conv2d):
         if mod.padding_mode != "zeros":
             raise _unsupported(node, f"Conv2d padding_mode={mod.padding_mode}")
@@ -329,6 +365,10 @@ def _from_module(node, name, mod, ins, alias):
         return _global_pool(node, name, ins, mod.output_size)
     if isinstance(mod, nn.Flatten):
         return _flatten(node, name, ins, mod.start_dim, mod.end_dim)
+    if isinstance(mod, nn.Upsample):
+        if mod.mode == "bilinear" and mod.align_corners:
+            raise _unsupported(node, "Upsample bilinear with align_corners=True")
+        return _resize(node, name, ins, mod.mode)
     for cls, fn in ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"),
                     (nn.SiLU, "silu"), (nn.Tanh, "tanh")):
         if isinstance(mod, cls):
@@ -361,9 +401,7 @@ def _from_function(node, name, ins, alias):
     if t is torch.mean:
         return _mean(node, name, ins, _kw(node, 1, "dim", None), _kw(node, 2, "keepdim", False))
     if t is torch.cat:
-        if _kw(node, 1, "dim", 0) not in (1, -3):
-            raise _unsupported(node, "cat on an axis other than channels")
-        return FNode(name, "cat", _arg_names(node.args[0], alias))
+        return _cat(node, name, _arg_names(node.args[0], alias), _kw(node, 1, "dim", 0))
     if t in (F.relu, torch.relu):
         return _act(name, ins, 0, INF)
     if t is F.relu6:
@@ -449,9 +487,7 @@ def _from_aten(node, name, ins, alias, consts):
     if t in (aten.mul.Tensor, aten.mul_.Tensor):
         return _mul(node, name, ins)
     if t is aten.cat.default:
-        if (args[1] if len(args) > 1 else 0) not in (1, -3):
-            raise _unsupported(node, "cat on an axis other than channels")
-        return FNode(name, "cat", _arg_names(args[0], alias, consts))
+        return _cat(node, name, _arg_names(args[0], alias, consts), args[1] if len(args) > 1 else 0)
     if t is aten.max_pool2d.default:
         a = _schema_arguments(node)
         return _pool(node, name, ins, "maxpool", a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"],
@@ -509,6 +545,71 @@ def _from_method(node, name, ins, alias):
     if method in ("sigmoid", "tanh"):
         return _lut(name, ins, method)
     raise _unsupported(node, f"Tensor.{method}")
+
+
+def _input_shape(node) -> tuple[int, ...]:
+    """The shape (batch included) of the node's first input (of the first of a list: cat's)."""
+    first = node.args[0][0] if isinstance(node.args[0], (list, tuple)) else node.args[0]
+    return tuple(first.meta["tensor_meta"].shape)
+
+
+def _axis(node, dim) -> int:
+    """A dim argument as an axis of the input (negative ones counted from the end); the batch is refused."""
+    axis = int(dim) % len(_input_shape(node))
+    if axis == 0:
+        raise _unsupported(node, f"{node.target} on the batch axis")
+    return axis
+
+
+def _cat(node, name, ins, dim):
+    return FNode(name, "cat", ins, {"axis": _axis(node, dim)})
+
+
+def _split_bounds(node, kind: str):
+    """(axis, [(start, stop) of each part]) of torch.split / torch.chunk."""
+    axis = _axis(node, _kw(node, 2, "dim", 0))
+    size = _input_shape(node)[axis]
+    sizes = _kw(node, 1, "split_size_or_sections" if kind == "split" else "chunks", None)
+    if sizes is None:
+        sizes = _kw(node, 1, "split_size", None) or _kw(node, 1, "split_sizes", None)
+    if kind == "chunk":
+        sizes = -(-size // int(sizes))
+    if isinstance(sizes, int):
+        sizes = [min(sizes, size - start) for start in range(0, size, sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return axis, [(start, start + int(part)) for start, part in zip(starts, sizes)]
+
+
+def _slicing(node, name, ins, index):
+    """x[:, a:b] (one sliced axis, step 1) as a slice node; anything else is refused in one line."""
+    index = index if isinstance(index, tuple) else (index,)
+    shape = _input_shape(node)
+    cut = [(axis, part) for axis, part in enumerate(index) if part != slice(None)]
+    if (len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][0] == 0 or Ellipsis in index
+            or cut[0][1].step not in (None, 1)):
+        raise _unsupported(node, f"indexing {index} (only one sliced axis but the batch, step 1)")
+    axis, part = cut[0]
+    start, stop, _ = part.indices(shape[axis])
+    if start >= stop:
+        raise _unsupported(node, f"an empty slice {part}")
+    return FNode(name, "slice", ins[:1], {"axis": axis, "start": start, "stop": stop})
+
+
+def _resize(node, name, ins, mode=None):
+    """F.interpolate / nn.Upsample / ATen upsampling: nearest at whole ratios, bilinear (half-pixel)."""
+    if node.target is F.interpolate:
+        mode, align = _kw(node, 3, "mode", "nearest"), _kw(node, 4, "align_corners", None)
+    else:
+        align = _schema_arguments(node).get("align_corners") if isinstance(node.target, torch._ops.OpOverload) else None
+    in_hw = _input_shape(node)[2:]
+    out_hw = tuple(node.meta["tensor_meta"].shape[2:])
+    if mode not in ("nearest", "bilinear") or len(in_hw) != 2:
+        raise _unsupported(node, f"{mode} interpolation (nearest and bilinear, 2-D)")
+    if mode == "bilinear" and align:
+        raise _unsupported(node, "bilinear interpolation with align_corners=True")
+    if mode == "nearest" and any(o % i for i, o in zip(in_hw, out_hw)):
+        raise _unsupported(node, f"nearest interpolation from {in_hw} to {out_hw} (only whole ratios)")
+    return FNode(name, "resize", ins[:1], {"mode": mode, "size": list(out_hw)})
 
 
 def _mul(node, name, ins):

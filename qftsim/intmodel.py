@@ -30,7 +30,8 @@ from qftsim.errors import QftsimError
 from qftsim.profile import ARITHMETIC_OPS, HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
-FORMAT_VERSION = 3  # 2: the mean op and conv2d's depthwise attribute; 3: mul, mean's axes and keepdim
+# 2: the mean op and conv2d's depthwise attribute; 3: mul, resize, slice, mean's axes and keepdim, concat's axis
+FORMAT_VERSION = 3
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -377,7 +378,7 @@ OP_ATTRS: dict[str, dict] = {
     "linear": {"clamp": None},
     "add": {"input_multipliers": None, "input_shifts": None, "multiplier": None, "shift": None,
             "left_shift": None, "clamp": None},
-    "concat": {"input_multipliers": None, "input_shifts": None},
+    "concat": {"input_multipliers": None, "input_shifts": None, "axis": 1},
     "maxpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0]},
     "avgpool2d": {"kernel": None, "stride": None, "padding": [0, 0, 0, 0], "count_include_pad": True},
     "mul": {"clamp": None},  # elementwise, the inputs broadcasting (squeeze-excite's x * gate)
@@ -386,6 +387,9 @@ OP_ATTRS: dict[str, dict] = {
     "clamp": {"clamp": None},
     "reshape": {"shape": None},
     "lut": {},
+    # nearest: input index floor(out * in / out_size); bilinear: TFLite's integer half-pixel rule (arith)
+    "resize": {"mode": None, "size": None},
+    "slice": {"axis": None, "start": None, "stop": None},  # [start, stop) of one axis (1: after the batch)
 }
 OP_ARRAYS = {
     "conv2d": ("weight", "bias", "multiplier", "shift"),
@@ -615,16 +619,25 @@ def _check_add(node, profile, in_shapes, in_quants):
     return in_shapes[0]
 
 
+def _check_axis(node, shape: tuple[int, ...]) -> int:
+    axis = node.attrs["axis"]
+    if type(axis) is not int or not 1 <= axis <= len(shape):
+        raise _err(node, f"axis must be an integer in [1, {len(shape)}] (1 is the axis after the batch), got {axis!r}")
+    return axis
+
+
 def _check_concat(node, profile, in_shapes, in_quants):
-    rest = {s[1:] for s in in_shapes}
-    if len(rest) != 1:
-        raise _err(node, f"inputs must agree in all but the channel axis, got {in_shapes}")
+    axis = _check_axis(node, in_shapes[0])
+    rest = {s[:axis - 1] + s[axis:] for s in in_shapes}
+    if len(rest) != 1 or len({len(s) for s in in_shapes}) != 1:
+        raise _err(node, f"inputs must agree in all but axis {axis}, got {in_shapes}")
     if _check_rescales(node, profile, len(in_shapes)):
         if not profile.ops.concat_rescale:
             raise _err(node, f"profile {profile.name} does not rescale concat inputs (ops.concat_rescale)")
     elif any(q != node.quant for q in in_quants):
         raise _err(node, "inputs must share the output's quantization when no rescale is given")
-    return (sum(s[0] for s in in_shapes),) + in_shapes[0][1:]
+    first = in_shapes[0]
+    return first[:axis - 1] + (sum(s[axis - 1] for s in in_shapes),) + first[axis:]
 
 
 def _check_pool(node, profile, in_shapes, in_quants):
@@ -726,7 +739,33 @@ def _check_lut(node, profile, in_shapes, in_quants):
     return in_shapes[0]
 
 
+def _check_resize(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    if node.attrs["mode"] not in ("nearest", "bilinear"):
+        raise _err(node, f"mode must be 'nearest' or 'bilinear', got {node.attrs['mode']!r}")
+    size = _ints(node, "size", 2)
+    if min(size) < 1:
+        raise _err(node, f"size must be positive, got {size}")
+    _check_same_quant(node, in_quants)
+    return (shape[0], *size)
+
+
+def _check_slice(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    axis = _check_axis(node, shape)
+    start, stop = node.attrs["start"], node.attrs["stop"]
+    if not (type(start) is int and type(stop) is int and 0 <= start < stop <= shape[axis - 1]):
+        raise _err(node, f"start and stop must be integers with 0 <= start < stop <= {shape[axis - 1]}, "
+                         f"got {start!r} and {stop!r}")
+    _check_same_quant(node, in_quants)
+    return shape[:axis - 1] + (stop - start,) + shape[axis:]
+
+
 _CHECKS = {
+    "resize": _check_resize,
+    "slice": _check_slice,
     "conv2d": _check_conv2d,
     "linear": _check_linear,
     "add": _check_add,

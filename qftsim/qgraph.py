@@ -34,8 +34,9 @@ from qftsim.profile import HardwareProfile, OpArithmetic, int_range, trainer_ref
 DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization")
 # the IntModel op each captured node kind becomes
 INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "mul": "mul", "cat": "concat", "maxpool": "maxpool2d",
-           "avgpool": "avgpool2d", "mean": "mean", "reshape": "reshape", "clamp": "clamp", "lut": "lut"}
-_SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp")
+           "avgpool": "avgpool2d", "mean": "mean", "reshape": "reshape", "clamp": "clamp", "lut": "lut",
+           "resize": "resize", "slice": "slice"}
+_SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp", "resize", "slice")
 _BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
 
 
@@ -434,7 +435,20 @@ class QGraph(nn.Module):
             centered = x - self.zero_points[self.quant_source[name]]
             parts.append(torch.clamp(self._round(centered, factor.to(x.dtype), m, t, op) + self.zero_points[n.name],
                                      qmin, qmax))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=n.attrs["axis"])
+
+    def _slice(self, n: FNode, xs):
+        return xs[0].narrow(n.attrs["axis"], n.attrs["start"], n.attrs["stop"] - n.attrs["start"])
+
+    def _resize(self, n: FNode, xs):
+        """The integer resize of arith (in training with the gradient of torch's float interpolation)."""
+        (x,) = xs
+        in_hw = tuple(x.shape[2:])
+        if not self.training or n.attrs["mode"] == "nearest":  # nearest: a gather, whose gradient is exact
+            return arith.resize(x, in_hw, n.attrs["mode"], n.attrs["size"], arith.take_torch)
+        exact = arith.resize(x.detach().double(), in_hw, "bilinear", n.attrs["size"], arith.take_torch)
+        soft = F.interpolate(x, size=n.attrs["size"], mode="bilinear", align_corners=False)
+        return soft + (exact.to(soft.dtype) - soft).detach()
 
     def _maxpool(self, n: FNode, xs):
         pt, pl, pb, pr = n.attrs["padding"]
@@ -537,7 +551,10 @@ class QGraph(nn.Module):
             elif n.kind == "cat":
                 pairs = [(int(m[0]), int(t[0])) for _, m, t in self.cat_multipliers(n)]
                 nodes.append(Node(n.name, "concat", list(n.inputs), quant, {
-                    "input_multipliers": [m for m, _ in pairs], "input_shifts": [t for _, t in pairs]}))
+                    "input_multipliers": [m for m, _ in pairs], "input_shifts": [t for _, t in pairs],
+                    "axis": n.attrs["axis"]}))
+            elif n.kind in ("resize", "slice"):
+                nodes.append(Node(n.name, n.kind, list(n.inputs), quant, dict(n.attrs)))
             elif n.kind in ("maxpool", "avgpool"):
                 attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in n.attrs.items()}
                 nodes.append(Node(n.name, INT_OPS[n.kind], list(n.inputs), quant, attrs))

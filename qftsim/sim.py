@@ -446,7 +446,20 @@ class _Simulator:
             xs = [(arith.requantize(x.to(torch.float64) - q.zero_point, m, t, rounding) + out_q.zero_point)
                   .clamp(out_q.qmin, out_q.qmax)
                   for x, q, m, t in zip(xs, in_quants, a["input_multipliers"], a["input_shifts"])]
-        y = torch.cat(xs, dim=1)
+        y = torch.cat(xs, dim=a["axis"])
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+    def _resize(self, node, xs, in_quants):
+        (x,) = xs
+        y = arith.resize(x.to(torch.float64), tuple(x.shape[2:]), node.attrs["mode"], node.attrs["size"],
+                        arith.take_torch)
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
+    def _slice(self, node, xs, in_quants):
+        a = node.attrs
+        y = xs[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y
 

@@ -15,8 +15,8 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requ
 from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
 SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "mul", "concat", "clamp",
-               "lut")
-FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul", "mean")
+               "lut", "resize", "slice")
+FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul", "mean", "slice", "concat")
 
 
 @st.composite
@@ -188,7 +188,9 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
                      "clamp": b.clamp_for(out_q)}
             current = b.add(name, "add", [current, other], out_q, attrs, None, shape)
         elif op == "concat":
-            partners = [t for t, s in b.shapes.items() if len(s) == 3 and s[1:] == shape[1:]]
+            axis = draw(st.integers(1, len(shape)))
+            partners = [t for t, s in b.shapes.items() if len(s) == len(shape) and s[:axis - 1] == shape[:axis - 1]
+                        and s[axis:] == shape[axis:]]
             others = draw(st.lists(st.sampled_from(partners), min_size=1, max_size=2))
             members = [current] + others
             rescale = p.ops.concat_rescale and draw(st.booleans())
@@ -200,8 +202,19 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
                 out_q = q
                 members = [mbr for mbr in members if b.quants[mbr] == q]
                 attrs = {}
-            channels = sum(b.shapes[mbr][0] for mbr in members)
-            current = b.add(name, "concat", members, out_q, attrs, None, (channels,) + shape[1:])
+            attrs["axis"] = axis
+            size = sum(b.shapes[mbr][axis - 1] for mbr in members)
+            current = b.add(name, "concat", members, out_q, attrs, None, shape[:axis - 1] + (size,) + shape[axis:])
+        elif op == "resize":
+            size = [draw(st.integers(1, 8)), draw(st.integers(1, 8))]
+            current = b.add(name, "resize", [current], q, {"mode": draw(st.sampled_from(["nearest", "bilinear"])),
+                                                           "size": size}, None, (shape[0], *size))
+        elif op == "slice":
+            axis = draw(st.integers(1, len(shape)))
+            start = draw(st.integers(0, shape[axis - 1] - 1))
+            stop = draw(st.integers(start + 1, shape[axis - 1]))
+            current = b.add(name, "slice", [current], q, {"axis": axis, "start": start, "stop": stop}, None,
+                            shape[:axis - 1] + (stop - start,) + shape[axis:])
         elif op == "mean":
             rank = len(shape)
             axes = draw(st.lists(st.integers(1, rank), min_size=1, max_size=rank, unique=True))

@@ -117,6 +117,15 @@ def _per_channel(arr, o):
     return int(arr[o]) if len(arr) > 1 else int(arr[0])
 
 
+def _bilinear_taps(index: int, in_size: int, out_size: int) -> list[tuple[int, int]]:
+    """(input index, weight in 1/1024) of the two taps of one output index (TFLite's integer rule)."""
+    scale = (1024 * in_size + out_size // 2) // out_size
+    position = index * scale + scale // 2 - 512
+    lower = max(int(position / 1024), 0)  # C truncates toward zero
+    upper = min((position + 1023) // 1024, in_size - 1)
+    return [(lower, 1024 - (position - 1024 * lower)), (upper, position - 1024 * lower)]
+
+
 def run_model(model, x):
     """Execute an IntModel with loops over Python ints. Returns {output name: nested list}."""
     import numpy as np
@@ -211,7 +220,7 @@ def run_model(model, x):
                         v = max(qo.qmin, min(qo.qmax, v))
                     part[idx] = v
                 parts.append(part)
-            out = np.concatenate(parts, axis=1)
+            out = np.concatenate(parts, axis=a["axis"])
         elif node.op in ("maxpool2d", "avgpool2d"):
             (xv,), (q,) = ins, qin
             n_, c_, h_, w_ = xv.shape
@@ -247,6 +256,22 @@ def run_model(model, x):
                 out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
             if a["keepdim"]:
                 out = out.reshape([1 if d in axes else xv.shape[d] for d in range(xv.ndim)])
+        elif node.op == "resize":
+            (xv,) = ins
+            n_, c_, h_, w_ = xv.shape
+            ho, wo = a["size"]
+            out = np.empty((n_, c_, ho, wo), dtype=object)
+            for n, c, y, xx in np.ndindex(*out.shape):
+                if a["mode"] == "nearest":
+                    out[n, c, y, xx] = int(xv[n, c, y * h_ // ho, xx * w_ // wo])
+                else:  # TFLite's ResizeBilinearInteger, half-pixel centres, written out
+                    total = 0
+                    for (i, wi) in _bilinear_taps(y, h_, ho):
+                        for (j, wj) in _bilinear_taps(xx, w_, wo):
+                            total += int(xv[n, c, i, j]) * wi * wj
+                    out[n, c, y, xx] = round_fraction(Fraction(total, 1 << 20), "half_away")
+        elif node.op == "slice":
+            out = np.take(ins[0], range(a["start"], a["stop"]), axis=a["axis"])
         elif node.op == "clamp":
             out = np.vectorize(lambda v: max(a["clamp"][0], min(a["clamp"][1], int(v))), otypes=[object])(ins[0])
         elif node.op == "reshape":
