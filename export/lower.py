@@ -398,6 +398,20 @@ def _lower_resize(bb, node, xs, qs, model):
     return arith.resize(x, in_hw, node.attrs["mode"], node.attrs["size"], take)
 
 
+def _lower_zero_insert(bb, node, xs, qs, model):
+    """Each value followed by stride - 1 zero points (a pad of two new unit axes, merged), the last ones cut."""
+    (x,), (q,) = xs, qs
+    c, h, w = model.shapes[node.inputs[0]]
+    sh, sw = node.attrs["stride"]
+    batch = x.expr.ty.shape[0]
+    spread = bb.emit(relax.op.reshape(x.expr, [batch, c, h, 1, w, 1]))
+    padded = bb.emit(relax.op.nn.pad(spread, [0, 0, 0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1],
+                                     pad_value=float(q.zero_point)))
+    merged = bb.emit(relax.op.reshape(padded, [batch, c, h * sh, w * sw]))
+    _, ho, wo = model.shapes[node.name]
+    return _emit_int(bb, relax.op.strided_slice(merged, [2, 3], [0, 0], [ho, wo]))
+
+
 def _lower_slice(bb, node, xs, qs, model):
     a = node.attrs
     return _emit_int(bb, relax.op.strided_slice(xs[0].expr, [a["axis"]], [a["start"]], [a["stop"]]))
@@ -480,4 +494,5 @@ _LOWER = {
     "lut": _lower_lut,
     "resize": _lower_resize,
     "slice": _lower_slice,
+    "zero_insert": _lower_zero_insert,
 }

@@ -610,6 +610,16 @@ def bilinear_taps(in_size: int, out_size: int):
     return lower, upper, one - upper_weight, upper_weight
 
 
+def zero_insert(x: torch.Tensor, stride, fill) -> torch.Tensor:
+    """x with stride - 1 copies of `fill` between neighbours on H and W: a transposed convolution's input to the
+    ordinary convolution that computes it (the zeros of integers centred on their zero point are `fill`)."""
+    n, c, h, w = x.shape
+    sh, sw = stride
+    y = x.new_full((n, c, (h - 1) * sh + 1, (w - 1) * sw + 1), fill)
+    y[:, :, ::sh, ::sw] = x
+    return y
+
+
 def take_torch(x: torch.Tensor, indices: np.ndarray, axis: int) -> torch.Tensor:
     """`resize`'s gather for torch tensors."""
     return x.index_select(axis, torch.from_numpy(indices))

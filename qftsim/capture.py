@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from qftsim import arith
 from qftsim.errors import QftsimError
 
-SUPPORTED = ("Conv2d (incl. depthwise/grouped), Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
+SUPPORTED = ("Conv2d (incl. depthwise/grouped), ConvTranspose2d, Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
              "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
              "Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, broadcasting), cat (any axis "
              "but the batch), split/chunk/slicing (step 1, any axis but the batch), F.interpolate/Upsample (nearest at "
@@ -52,7 +53,7 @@ class FNode:
     """One op of the canonical float graph; `act` is a fused clamp (lo, hi) in real units."""
 
     name: str
-    kind: str  # input conv linear add mul cat maxpool avgpool mean reshape clamp lut resize slice
+    kind: str  # input conv linear add mul cat maxpool avgpool mean reshape clamp lut resize slice zero_insert
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None
@@ -123,6 +124,8 @@ def float_op(n: FNode, xs: list[torch.Tensor]) -> torch.Tensor:
         y = xs[0] * xs[1]
     elif n.kind == "cat":
         y = torch.cat(xs, dim=a["axis"])
+    elif n.kind == "zero_insert":
+        y = arith.zero_insert(xs[0], a["stride"], 0.0)
     elif n.kind == "slice":
         y = xs[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])
     elif n.kind == "resize":
@@ -338,6 +341,12 @@ def _from_module(node, name, mod, ins, alias):
         return FNode(name, "conv", ins, {"stride": _pair(mod.stride), "padding": [ph, pw, ph, pw],
                                          "dilation": _pair(mod.dilation), "groups": mod.groups},
                      mod.weight.detach().double(), bias.double())
+    if isinstance(mod, nn.ConvTranspose2d):
+        if mod.padding_mode != "zeros":
+            raise _unsupported(node, f"ConvTranspose2d padding_mode={mod.padding_mode}")
+        bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_channels)
+        return _conv_transpose(node, name, ins, mod.weight.detach().double(), bias.double(), mod.stride, mod.padding,
+                               mod.output_padding, mod.groups, mod.dilation)
     if isinstance(mod, nn.Linear):
         bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_features)
         return FNode(name, "linear", ins, {}, mod.weight.detach().double(), bias.double())
@@ -418,6 +427,10 @@ def _from_function(node, name, ins, alias):
         if mode != "constant" or (value or 0) != 0 or len(pad) != 4:
             raise _unsupported(node, "F.pad other than 2-D zero padding")
         return _pad(name, ins, pad)
+    if t is F.max_pool2d:
+        kernel = _kw(node, 1, "kernel_size", None)
+        return _pool(node, name, ins, "maxpool", kernel, _kw(node, 2, "stride", None) or kernel,
+                     _kw(node, 3, "padding", 0), _kw(node, 4, "dilation", 1), _kw(node, 5, "ceil_mode", False), True)
     if t is F.adaptive_avg_pool2d:
         return _global_pool(node, name, ins, _kw(node, 1, "output_size", None))
     if t is F.dropout:
@@ -464,6 +477,13 @@ def _from_aten(node, name, ins, alias, consts):
         return FNode(name, "conv", ins[:1], {"stride": _pair(stride), "padding": [ph, pw, ph, pw],
                                              "dilation": _pair(dilation), "groups": int(groups)},
                      w, b if b is not None else torch.zeros(w.shape[0], dtype=torch.float64))
+    if t is aten.conv_transpose2d.input:
+        a = _schema_arguments(node)
+        w, b = _const(consts, a["weight"]), _const(consts, a["bias"])
+        groups = int(a["groups"])
+        return _conv_transpose(node, name, ins[:1], w, b if b is not None else torch.zeros(
+            w.shape[1] * groups, dtype=torch.float64), a["stride"], a["padding"], a["output_padding"], groups,
+            a["dilation"])
     if t is aten.linear.default:
         a = _schema_arguments(node)
         w, b = _const(consts, a["weight"]), _const(consts, a["bias"])
@@ -545,6 +565,23 @@ def _from_method(node, name, ins, alias):
     if method in ("sigmoid", "tanh"):
         return _lut(name, ins, method)
     raise _unsupported(node, f"Tensor.{method}")
+
+
+def _conv_transpose(node, name, ins, weight, bias, stride, padding, output_padding, groups, dilation):
+    """A transposed convolution as the convolution that computes it: on the input with stride - 1 zeros between
+    neighbours (a zero_insert node, made in canonicalization), stride 1, the kernel flipped with its in and out
+    channels swapped, padding dilation * (kernel - 1) - padding (plus output_padding at the bottom and right).
+    So its accumulator and MAC order are a convolution's."""
+    (sh, sw), (ph, pw), (oh, ow), (dh, dw) = (_pair(v) for v in (stride, padding, output_padding, dilation))
+    cin, cout_g, kh, kw = weight.shape
+    edge_h, edge_w = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if min(edge_h, edge_w) < 0:
+        raise _unsupported(node, "ConvTranspose2d with padding above dilation * (kernel - 1)")
+    w = weight.reshape(groups, cin // groups, cout_g, kh, kw).transpose(1, 2).reshape(groups * cout_g,
+                                                                                      cin // groups, kh, kw)
+    return FNode(name, "conv", ins[:1], {"stride": [1, 1], "padding": [edge_h, edge_w, edge_h + oh, edge_w + ow],
+                                         "dilation": [dh, dw], "groups": int(groups), "zero_insert": [sh, sw]},
+                 w.flip(2, 3).contiguous(), bias)
 
 
 def _input_shape(node) -> tuple[int, ...]:
@@ -659,6 +696,14 @@ def _global_pool(node, name, ins, output_size):
 # ---------------------------------------------------------------- canonical form
 
 def _canonicalize(g: FGraph) -> None:
+    for n in list(g.nodes):
+        if n.kind == "conv" and "zero_insert" in n.attrs:
+            stride = n.attrs.pop("zero_insert")
+            c, h, w = g.node(n.inputs[0]).shape
+            zeros = FNode(f"{n.name}_zeros", "zero_insert", n.inputs, {"stride": stride},
+                          shape=(c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1))
+            g.nodes.insert(g.nodes.index(n), zeros)
+            n.inputs = [zeros.name]
     for n in list(g.nodes):
         if n.kind == "avgpool" and n.attrs.get("global"):
             _, h, w = g.node(n.inputs[0]).shape

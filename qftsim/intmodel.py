@@ -30,7 +30,8 @@ from qftsim.errors import QftsimError
 from qftsim.profile import ARITHMETIC_OPS, HardwareProfile, OpArithmetic, int_range
 
 FORMAT = "qftsim.intmodel"
-# 2: the mean op and conv2d's depthwise attribute; 3: mul, resize, slice, mean's axes and keepdim, concat's axis
+# 2: the mean op and conv2d's depthwise attribute; 3: mul, resize, slice, zero_insert, mean's axes and keepdim,
+# concat's axis
 FORMAT_VERSION = 3
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -390,6 +391,8 @@ OP_ATTRS: dict[str, dict] = {
     # nearest: input index floor(out * in / out_size); bilinear: TFLite's integer half-pixel rule (arith)
     "resize": {"mode": None, "size": None},
     "slice": {"axis": None, "start": None, "stop": None},  # [start, stop) of one axis (1: after the batch)
+    # stride - 1 zero points between neighbours on H and W: a transposed conv is this, then a conv2d
+    "zero_insert": {"stride": None},
 }
 OP_ARRAYS = {
     "conv2d": ("weight", "bias", "multiplier", "shift"),
@@ -752,6 +755,17 @@ def _check_resize(node, profile, in_shapes, in_quants):
     return (shape[0], *size)
 
 
+def _check_zero_insert(node, profile, in_shapes, in_quants):
+    (shape,) = in_shapes
+    if len(shape) != 3:
+        raise _err(node, f"input must be (C, H, W), got {shape}")
+    sh, sw = _ints(node, "stride", 2)
+    if min(sh, sw) < 1:
+        raise _err(node, f"stride must be >= 1, got {[sh, sw]}")
+    _check_same_quant(node, in_quants)
+    return (shape[0], (shape[1] - 1) * sh + 1, (shape[2] - 1) * sw + 1)
+
+
 def _check_slice(node, profile, in_shapes, in_quants):
     (shape,) = in_shapes
     axis = _check_axis(node, shape)
@@ -766,6 +780,7 @@ def _check_slice(node, profile, in_shapes, in_quants):
 _CHECKS = {
     "resize": _check_resize,
     "slice": _check_slice,
+    "zero_insert": _check_zero_insert,
     "conv2d": _check_conv2d,
     "linear": _check_linear,
     "add": _check_add,

@@ -27,7 +27,7 @@ READABLE_VERSIONS = (1, 2)  # version 1 has no `arithmetic` section: every op fo
 # then a right shift that also rounds half up (gemmlowp_double breaks that second tie away from zero).
 ROUNDING_MODES = ("gemmlowp_double", "ruy", "half_up", "half_away", "half_even", "floor")
 OP_KINDS = ("conv2d", "linear", "add", "mul", "concat", "maxpool2d", "avgpool2d", "mean", "clamp", "reshape", "lut",
-            "resize", "slice")
+            "resize", "slice", "zero_insert")
 # Requantization schemes: an integer multiplier and shift, a shift alone, or a float multiply as
 # XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
 REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")

@@ -35,8 +35,8 @@ DOF_GROUPS = ("weights", "biases", "weight_scales", "act_scales", "equalization"
 # the IntModel op each captured node kind becomes
 INT_OPS = {"conv": "conv2d", "linear": "linear", "add": "add", "mul": "mul", "cat": "concat", "maxpool": "maxpool2d",
            "avgpool": "avgpool2d", "mean": "mean", "reshape": "reshape", "clamp": "clamp", "lut": "lut",
-           "resize": "resize", "slice": "slice"}
-_SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp", "resize", "slice")
+           "resize": "resize", "slice": "slice", "zero_insert": "zero_insert"}
+_SHARES_INPUT_QUANT = ("maxpool", "avgpool", "reshape", "clamp", "resize", "slice", "zero_insert")
 _BIAS_BUDGET = 0.25  # under A2Q, the bias may use this share of the accumulator range
 
 
@@ -437,6 +437,9 @@ class QGraph(nn.Module):
                                      qmin, qmax))
         return torch.cat(parts, dim=n.attrs["axis"])
 
+    def _zero_insert(self, n: FNode, xs):
+        return arith.zero_insert(xs[0], n.attrs["stride"], float(self.zero_points[self.quant_source[n.name]]))
+
     def _slice(self, n: FNode, xs):
         return xs[0].narrow(n.attrs["axis"], n.attrs["start"], n.attrs["stop"] - n.attrs["start"])
 
@@ -553,7 +556,7 @@ class QGraph(nn.Module):
                 nodes.append(Node(n.name, "concat", list(n.inputs), quant, {
                     "input_multipliers": [m for m, _ in pairs], "input_shifts": [t for _, t in pairs],
                     "axis": n.attrs["axis"]}))
-            elif n.kind in ("resize", "slice"):
+            elif n.kind in ("resize", "slice", "zero_insert"):
                 nodes.append(Node(n.name, n.kind, list(n.inputs), quant, dict(n.attrs)))
             elif n.kind in ("maxpool", "avgpool"):
                 attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in n.attrs.items()}

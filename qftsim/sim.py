@@ -457,6 +457,11 @@ class _Simulator:
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y
 
+    def _zero_insert(self, node, xs, in_quants):
+        y = arith.zero_insert(xs[0], node.attrs["stride"], float(in_quants[0].zero_point))
+        self.report.append(LayerReport(node.name, node.op, y.numel()))
+        return y
+
     def _slice(self, node, xs, in_quants):
         a = node.attrs
         y = xs[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])

@@ -15,7 +15,7 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requ
 from qftsim.profile import HardwareProfile, ROUNDING_MODES
 
 SPATIAL_OPS = ("conv2d", "conv2d", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "mul", "concat", "clamp",
-               "lut", "resize", "slice")
+               "lut", "resize", "slice", "zero_insert")
 FLAT_OPS = ("linear", "linear", "clamp", "lut", "add", "mul", "mean", "slice", "concat")
 
 
@@ -209,6 +209,11 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             size = [draw(st.integers(1, 8)), draw(st.integers(1, 8))]
             current = b.add(name, "resize", [current], q, {"mode": draw(st.sampled_from(["nearest", "bilinear"])),
                                                            "size": size}, None, (shape[0], *size))
+        elif op == "zero_insert":
+            stride = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+            c, h, w = shape
+            current = b.add(name, "zero_insert", [current], q, {"stride": stride}, None,
+                            (c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1))
         elif op == "slice":
             axis = draw(st.integers(1, len(shape)))
             start = draw(st.integers(0, shape[axis - 1] - 1))

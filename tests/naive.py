@@ -270,6 +270,13 @@ def run_model(model, x):
                         for (j, wj) in _bilinear_taps(xx, w_, wo):
                             total += int(xv[n, c, i, j]) * wi * wj
                     out[n, c, y, xx] = round_fraction(Fraction(total, 1 << 20), "half_away")
+        elif node.op == "zero_insert":
+            (xv,), (q,) = ins, qin
+            sh, sw = a["stride"]
+            n_, c_, h_, w_ = xv.shape
+            out = np.full((n_, c_, (h_ - 1) * sh + 1, (w_ - 1) * sw + 1), q.zero_point, dtype=object)
+            for n, c, y, xx in np.ndindex(*xv.shape):
+                out[n, c, y * sh, xx * sw] = xv[n, c, y, xx]
         elif node.op == "slice":
             out = np.take(ins[0], range(a["start"], a["stop"]), axis=a["axis"])
         elif node.op == "clamp":
