@@ -192,7 +192,8 @@ def _verify(args) -> int:
 def _demo(args) -> int:
     from qftsim.demo import format_summary, run_demo
 
-    summary = run_demo(args.profile, args.out, epochs=args.epochs, progress=not args.quiet, target=args.target)
+    summary = run_demo(args.profile, args.out, epochs=args.epochs, progress=not args.quiet, target=args.target,
+                       network=args.network)
     print(format_summary(summary))
     print(f"artifacts: {args.out}/ (model.qft, model.so + model.so.json, inputs.npy, report/summary.md, "
           "summary.json)")
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "simulate, compile, verify, report")
     demo.add_argument("--profile", default="int8-default", metavar="NAME|FILE",
                       help="a shipped profile name or a .yaml file")
+    demo.add_argument("--network", default="mobilenetv2", metavar="NAME",
+                      help="the zoo reference network to train (once; cached) and quantize; a wrong name lists them")
     demo.add_argument("--out", default="qftsim-demo", metavar="DIR", help="artifact folder")
     demo.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT epochs")
     demo.add_argument("--target", default="host", choices=["host", "x86-64"],

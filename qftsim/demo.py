@@ -17,16 +17,13 @@ from qftsim.report import write_report
 from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import load_mnist, reference_network
 
-NETWORK = "mobilenetv2"
-
 
 def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo", epochs: int = 4,
-             progress: bool = True, target: str = "host") -> dict:
-    """Train/load, quantize (rtn and QFT), simulate, compile, verify; write artifacts; return the summary."""
+             progress: bool = True, target: str = "host", network: str = "mobilenetv2") -> dict:
+    """Train/load `network` (a zoo reference network), quantize (rtn and QFT), simulate, compile, verify; write
+    artifacts; return the summary."""
     import export
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     profile = load_profile(profile_name)
     seconds = {}
 
@@ -37,12 +34,14 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
         seconds[name] = round(time.perf_counter() - seconds[name], 2)
 
     stage("float_model")
-    net = reference_network(NETWORK, progress=progress)
+    net = reference_network(network, progress=progress)
     x_train, _, x_test, y_test = load_mnist()
     calibration, labels = x_train[:1024], y_test.numpy()
     with torch.no_grad():
         float_acc = _accuracy(net(x_test).numpy(), labels)
     done("float_model")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
 
     stage("rtn")
     rtn_graph, rtn_report = quantize_graph(net, calibration, profile, method="rtn", progress=progress)
@@ -79,7 +78,7 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
 
     headroom = min(r.headroom_bits for r in sim.report if r.acc_bits is not None)
     summary = {
-        "profile": profile.name, "network": NETWORK, "float_accuracy": float_acc, "rtn_accuracy": rtn_acc,
+        "profile": profile.name, "network": network, "float_accuracy": float_acc, "rtn_accuracy": rtn_acc,
         "qft_accuracy": qft_acc, "simulator_accuracy": sim_acc, "compiled_accuracy": compiled_acc,
         "compiled_equals_simulator": parity, "accumulator_overflows": sim.overflows,
         "min_accumulator_headroom_bits": round(headroom, 2), "qft_initialisation": qft_report.get("chosen_init"),

@@ -123,14 +123,32 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
+class _SqueezeExcite(nn.Module):
+    """x * gate(fc2(act(fc1(mean of x)))): the channel gate of MobileNetV3 and EfficientNet."""
+
+    def __init__(self, channels: int, squeezed: int, act=nn.ReLU, gate=nn.Hardsigmoid):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.act = nn.Conv2d(channels, squeezed, 1), act()
+        self.fc2, self.gate = nn.Conv2d(squeezed, channels, 1), gate()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
 class _InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, expand):
+    """MobileNetV2's inverted residual; with a gate, the squeeze-excite one of MobileNetV3 (bneck) and
+    EfficientNet (MBConv)."""
+
+    def __init__(self, cin, cout, stride, expand, kernel=3, act=nn.ReLU6, gate=None):
         super().__init__()
         hidden = cin * expand
         self.use_skip = stride == 1 and cin == cout
-        self.body = nn.Sequential(_conv_bn(cin, hidden, 1, act=nn.ReLU6),
-                                  _conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
-                                  _conv_bn(hidden, cout, 1, act=None))
+        layers = [_conv_bn(cin, hidden, 1, act=act)] if expand > 1 else []
+        layers.append(_conv_bn(hidden, hidden, kernel, stride, groups=hidden, act=act))
+        if gate is not None:
+            layers.append(_SqueezeExcite(hidden, max(hidden // 4, 4), nn.ReLU if gate is nn.Hardsigmoid else act, gate))
+        self.body = nn.Sequential(*layers, _conv_bn(hidden, cout, 1, act=None))
 
     def forward(self, x):
         return x + self.body(x) if self.use_skip else self.body(x)
@@ -152,7 +170,114 @@ class SmallMobileNetV2(nn.Module):
         return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
 
 
-REFERENCE_NETWORKS = {"resnet": SmallResNet, "mobilenetv2": SmallMobileNetV2}
+class SmallMobileNetV3(nn.Module):
+    """MobileNetV3-small-style: hardswish, squeeze-excite with a hard-sigmoid gate, 5x5 depthwise."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = _conv_bn(1, 16, 3, 2, act=nn.Hardswish)
+        self.blocks = nn.Sequential(_InvertedResidual(16, 16, 2, 1, 3, nn.ReLU, nn.Hardsigmoid),
+                                    _InvertedResidual(16, 24, 1, 3, 3, nn.ReLU, nn.Hardsigmoid),
+                                    _InvertedResidual(24, 24, 1, 3, 5, nn.Hardswish, nn.Hardsigmoid))
+        self.head = _conv_bn(24, 48, 1, act=nn.Hardswish)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(48, 64), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
+
+
+class SmallEfficientNet(nn.Module):
+    """EfficientNet-B0-style: SiLU, MBConv blocks with sigmoid-gated squeeze-excite, global mean as x.mean."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = _conv_bn(1, 16, 3, 2, act=nn.SiLU)
+        self.blocks = nn.Sequential(_InvertedResidual(16, 16, 1, 1, 3, nn.SiLU, nn.Sigmoid),
+                                    _InvertedResidual(16, 24, 2, 4, 3, nn.SiLU, nn.Sigmoid),
+                                    _InvertedResidual(24, 24, 1, 4, 5, nn.SiLU, nn.Sigmoid))
+        self.head = _conv_bn(24, 64, 1, act=nn.SiLU)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+class _C2f(nn.Module):
+    """YOLOv8's C2f: a 1x1 conv, split in two halves, a bottleneck on the second, all three concatenated."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.reduce = _conv_bn(cin, cout, 1, act=nn.SiLU)
+        self.bottleneck = nn.Sequential(_conv_bn(cout // 2, cout // 2, 3, act=nn.SiLU),
+                                        _conv_bn(cout // 2, cout // 2, 3, act=nn.SiLU))
+        self.merge = _conv_bn(cout // 2 * 3, cout, 1, act=nn.SiLU)
+
+    def forward(self, x):
+        a, b = self.reduce(x).chunk(2, 1)
+        return self.merge(torch.cat([a, b, b + self.bottleneck(b)], 1))
+
+
+class TinyYolo(nn.Module):
+    """A tiny YOLO-style backbone and neck: SiLU, C2f splits, SPPF max pools, nearest upsampling, concat; the
+    head's per-cell class scores averaged over the grid into logits."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.p1 = nn.Sequential(_conv_bn(1, 16, 3, 2, act=nn.SiLU), _C2f(16, 16))  # 14 x 14
+        self.p2 = nn.Sequential(_conv_bn(16, 32, 3, 2, act=nn.SiLU), _C2f(32, 32))  # 7 x 7
+        self.sppf_in = _conv_bn(32, 16, 1, act=nn.SiLU)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+        self.sppf_out = _conv_bn(64, 32, 1, act=nn.SiLU)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.neck = _C2f(48, 16)
+        self.head = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        p1 = self.p1(x)
+        y = self.sppf_in(self.p2(p1))
+        y1 = self.pool(y)
+        y2 = self.pool(y1)
+        p2 = self.sppf_out(torch.cat([y, y1, y2, self.pool(y2)], 1))
+        return self.head(self.neck(torch.cat([self.up(p2), p1], 1))).mean((2, 3))
+
+
+class TinyUNet(nn.Module):
+    """A tiny U-Net: an encoder, a transposed-conv decoder with skip concats, a bilinear upsampling; the
+    per-pixel class map averaged into logits."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.enc1 = _conv_bn(1, 8, 3)  # 28
+        self.enc2 = _conv_bn(8, 16, 3, 2)  # 14
+        self.enc3 = _conv_bn(16, 32, 3, 2)  # 7
+        self.up3 = nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1)  # 14
+        self.dec2 = _conv_bn(32, 16, 3)
+        self.up2 = nn.ConvTranspose2d(16, 8, 2, 2)  # 28
+        self.dec1 = _conv_bn(16, 8, 3)
+        self.side = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        d2 = self.dec2(torch.cat([torch.relu(self.up3(self.enc3(e2))), e2], 1))
+        d1 = self.dec1(torch.cat([torch.relu(self.up2(d2)), e1], 1))
+        side = nn.functional.interpolate(self.side(d2), scale_factor=2, mode="bilinear", align_corners=False)
+        return self.head(d1 + side).mean((2, 3))
+
+
+class SmallResNetMaxPool(SmallResNet):
+    """The small ResNet with a ResNet stem: 3x3 conv, then 3x3 max pooling at stride 2."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__(width, classes)
+        self.stem = nn.Sequential(_conv_bn(1, width, 3, 1), nn.MaxPool2d(3, 2, 1))
+
+
+REFERENCE_NETWORKS = {"resnet": SmallResNet, "mobilenetv2": SmallMobileNetV2, "mobilenetv3": SmallMobileNetV3,
+                      "efficientnet": SmallEfficientNet, "yolo": TinyYolo, "unet": TinyUNet,
+                      "resnet-maxpool": SmallResNetMaxPool}
 
 
 def reference_network(name: str, epochs: int = 6, seed: int = 0, cache_dir=None,

@@ -227,7 +227,7 @@ def test_pt2_layers_are_named_by_module_path(tmp_path, network):
 
 
 class SoftplusNet(torch.nn.Module):
-    """Two Softpluses and an elementwise product: three ops capture does not take."""
+    """Two Softpluses and an elementwise division: three ops capture does not take."""
 
     def __init__(self):
         super().__init__()
@@ -236,7 +236,7 @@ class SoftplusNet(torch.nn.Module):
 
     def forward(self, x):
         y = self.act1(self.conv(x))
-        return self.act2(y) * y
+        return self.act2(y) / y
 
 
 def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, capsys):
@@ -252,7 +252,18 @@ def test_unsupported_model_fails_before_reading_the_data(inputs, monkeypatch, ca
                  "--channels", "1", "-o", str(inputs / "never.qft")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert "3 unsupported ops: Softplus x2 (at act1, act2); mul x1" in err and "Supported:" in err
+    assert "3 unsupported ops: Softplus x2 (at act1, act2); truediv x1" in err and "Supported:" in err
+
+
+def test_demo_unknown_network_is_one_line_listing_the_networks(tmp_path, capsys):
+    """`qftsim demo --network` takes any zoo reference network; a wrong name lists them and writes nothing."""
+    from qftsim.cli import main
+    from qftsim.zoo import REFERENCE_NETWORKS
+
+    code = main(["demo", "--network", "vgg", "--out", str(tmp_path / "demo"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert all(name in err for name in REFERENCE_NETWORKS) and not (tmp_path / "demo").exists()
 
 
 class _DataReached(Exception):
