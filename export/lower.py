@@ -395,7 +395,8 @@ def _lower_resize(bb, node, xs, qs, model):
     def take(t: IntExpr, indices: np.ndarray, axis: int) -> IntExpr:
         return _emit_int(bb, relax.op.take(t.expr, _const(indices, "int32"), axis=axis))
 
-    return arith.resize(x, in_hw, node.attrs["mode"], node.attrs["size"], take)
+    return arith.resize(x, in_hw, node.attrs["mode"], node.attrs["size"], take,
+                        node_arithmetic(node, model.profile).form)
 
 
 def _lower_zero_insert(bb, node, xs, qs, model):

@@ -588,7 +588,11 @@ def average(total, count, zero_point: int, rounding: str, domain: str):
 
 # ---------------------------------------------------------------- resizing
 
-BILINEAR_FRACTION_BITS = 10  # TFLite's integer bilinear resize: positions and weights in 1/1024
+# The bilinear weights' fraction bits and the rounding of the weighted sum, per form (a profile's
+# arithmetic.resize.form): TFLite's ResizeBilinearInteger (integer positions and weights in 1/1024, the sum
+# rounded half away from zero) and XNNPACK's q11 kernel (float32 positions, weights rounded to 1/2048, the sum
+# rounded half up).
+BILINEAR_FORMS = {"tflite": (10, "half_away"), "q11": (11, "half_up")}
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -597,10 +601,18 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.arange(out_size, dtype=np.int64) * in_size // out_size
 
 
-def bilinear_taps(in_size: int, out_size: int):
-    """(lower index, upper index, lower weight, upper weight) per output index, the weights in 1/1024 summing
-    to 1024: TFLite's ResizeBilinearInteger with half-pixel centres (torch's align_corners=False)."""
-    one = 1 << BILINEAR_FRACTION_BITS
+def bilinear_taps(in_size: int, out_size: int, form: str = "tflite"):
+    """(lower index, upper index, lower weight, upper weight) per output index with half-pixel centres (torch's
+    align_corners=False), the weights summing to 2^bits of the form."""
+    bits = BILINEAR_FORMS[form][0]
+    one = 1 << bits
+    if form == "q11":  # XNNPACK: the clamped float32 position, its fraction rounded to even in 1/2048
+        scale = np.float32(in_size) / np.float32(out_size)
+        position = np.arange(out_size, dtype=np.float32) * scale + (np.float32(0.5) * scale - np.float32(0.5))
+        position = np.clip(position, np.float32(0), np.float32(in_size - 1))
+        lower = position.astype(np.int64)
+        upper_weight = np.rint((position - lower.astype(np.float32)) * np.float32(one)).astype(np.int64)
+        return lower, np.minimum(lower + 1, in_size - 1), one - upper_weight, upper_weight
     scale = (one * in_size + out_size // 2) // out_size
     position = np.arange(out_size, dtype=np.int64) * scale + scale // 2 - one // 2
     # (C's division truncates toward zero; a negative position, at least -512, gives 0 either way)
@@ -625,19 +637,19 @@ def take_torch(x: torch.Tensor, indices: np.ndarray, axis: int) -> torch.Tensor:
     return x.index_select(axis, torch.from_numpy(indices))
 
 
-def resize(x, in_hw: tuple[int, int], mode: str, out_hw: tuple[int, int], take):
+def resize(x, in_hw: tuple[int, int], mode: str, out_hw: tuple[int, int], take, form: str = "tflite"):
     """Nearest or bilinear resizing of (N, C, H, W) integers from `in_hw` to `out_hw`; `take(x, indices, axis)`
-    gathers (torch's index_select, Relax's take)."""
+    gathers (torch's index_select, Relax's take); `form` is the bilinear arithmetic (BILINEAR_FORMS)."""
     if mode == "nearest":
         rows = take(x, nearest_indices(in_hw[0], out_hw[0]), 2)
         return take(rows, nearest_indices(in_hw[1], out_hw[1]), 3)
-    return resize_bilinear(x, in_hw, out_hw, take)
+    return resize_bilinear(x, in_hw, out_hw, take, form)
 
 
-def resize_bilinear(x, in_hw: tuple[int, int], out_hw: tuple[int, int], take):
-    """Bilinear resizing of raw integers (N, C, H, W) to `out_hw` as TFLite's integer kernel computes it: the
-    four taps' weighted sum in 1/2^20, then divided by 2^20 rounding half away from zero (in the raw domain,
-    zero point included; the output keeps the input's quantization). `take(x, indices, axis)` gathers."""
+def resize_bilinear(x, in_hw: tuple[int, int], out_hw: tuple[int, int], take, form: str = "tflite"):
+    """Bilinear resizing of raw integers (N, C, H, W) to `out_hw` as the engine of `form` computes it: the four
+    taps' weighted sum in 1/2^(2 bits), then divided by that rounding as the form says (in the raw domain, zero
+    point included; the output keeps the input's quantization). `take(x, indices, axis)` gathers."""
     def weighted(t, taps, axis):
         shape = [1, 1, 1, 1]
         shape[axis] = -1
@@ -646,8 +658,10 @@ def resize_bilinear(x, in_hw: tuple[int, int], out_hw: tuple[int, int], take):
             lower, upper = (torch.from_numpy(w).to(t.dtype) for w in (lower, upper))
         return take(t, taps[0], axis) * lower + take(t, taps[1], axis) * upper
 
-    total = weighted(weighted(x, bilinear_taps(in_hw[0], out_hw[0]), 2), bilinear_taps(in_hw[1], out_hw[1]), 3)
-    return divide_rounded(total, 1 << (2 * BILINEAR_FRACTION_BITS), "half_away")
+    bits, rounding = BILINEAR_FORMS[form]
+    rows = weighted(x, bilinear_taps(in_hw[0], out_hw[0], form), 2)
+    total = weighted(rows, bilinear_taps(in_hw[1], out_hw[1], form), 3)
+    return divide_rounded(total, 1 << (2 * bits), rounding)
 
 
 # ---------------------------------------------------------------- accumulator

@@ -24,12 +24,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qftsim import arith
 from qftsim.errors import QftsimError
 
-SUPPORTED = ("Conv2d (incl. depthwise/grouped), ConvTranspose2d, Linear, BatchNorm2d (folded), ReLU, ReLU6, Hardtanh, clamp, "
-             "Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-             "Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, broadcasting), cat (any axis "
-             "but the batch), split/chunk/slicing (step 1, any axis but the batch), F.interpolate/Upsample (nearest at "
-             "whole ratios, bilinear without align_corners), and as look-up tables Sigmoid, Hardswish, Hardsigmoid, "
-             "SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
+SUPPORTED = ("Conv2d (incl. depthwise/grouped), ConvTranspose2d, Linear, BatchNorm2d (folded), ReLU, ReLU6, "
+             "Hardtanh, clamp, Identity, Dropout, ZeroPad2d/F.pad (into a conv), MaxPool2d, AvgPool2d, "
+             "AdaptiveAvgPool2d(1), Flatten/view/reshape, mean over any axes but the batch, add, mul (two tensors, "
+             "broadcasting), cat (any axis but the batch), split/chunk/slicing (step 1, any axis but the batch), "
+             "F.interpolate/Upsample (nearest at whole ratios, bilinear without align_corners), and as look-up "
+             "tables Sigmoid, Hardswish, Hardsigmoid, SiLU, GELU (both forms), Tanh, LeakyReLU, ELU")
 # pointwise functions that become exact look-up tables over the input's integer range; a node's attrs hold the
 # function's name and its parameters (GELU's approximate, LeakyReLU's negative_slope, ELU's alpha)
 LUT_FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu,
@@ -580,7 +580,8 @@ def _conv_transpose(node, name, ins, weight, bias, stride, padding, output_paddi
     w = weight.reshape(groups, cin // groups, cout_g, kh, kw).transpose(1, 2).reshape(groups * cout_g,
                                                                                       cin // groups, kh, kw)
     return FNode(name, "conv", ins[:1], {"stride": [1, 1], "padding": [edge_h, edge_w, edge_h + oh, edge_w + ow],
-                                         "dilation": [dh, dw], "groups": int(groups), "zero_insert": [sh, sw]},
+                                         "dilation": [dh, dw], "groups": int(groups), "zero_insert": [sh, sw],
+                                         "transposed": True},
                  w.flip(2, 3).contiguous(), bias)
 
 

@@ -20,8 +20,10 @@ from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant, stored_requant
 from qftsim.profile import HardwareProfile, load_profile
 
-TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
-              "CONCATENATION", "RESHAPE", "PAD", "TRANSPOSE", "LOGISTIC", "HARD_SWISH", "QUANTIZE", "DEQUANTIZE")
+TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "ADD", "MUL", "AVERAGE_POOL_2D",
+              "MAX_POOL_2D", "MEAN", "CONCATENATION", "SPLIT", "STRIDED_SLICE", "RESHAPE", "PAD", "TRANSPOSE",
+              "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "LOGISTIC", "TANH", "HARD_SWISH", "QUANTIZE",
+              "DEQUANTIZE")
 INT8_CODES = np.arange(-128, 128)
 TO_NHWC = (0, 2, 3, 1)
 
@@ -313,10 +315,10 @@ class _TfliteImporter:
             raise self._fail_tensor(weight_index, "has nonzero weight zero points; TFLite's int8 weights are symmetric")
         return np.broadcast_to(s, (channels,)).copy() if s.size == 1 else s
 
-    def _bias(self, op, channels: int) -> np.ndarray:
-        if len(op.inputs) < 3 or op.inputs[2] < 0:
+    def _bias(self, op, channels: int, position: int = 2) -> np.ndarray:
+        if len(op.inputs) <= position or op.inputs[position] < 0:
             return np.zeros(channels, dtype=np.int32)
-        return self._const(op.inputs[2]).astype(np.int32).reshape(channels)
+        return self._const(op.inputs[position]).astype(np.int32).reshape(channels)
 
     def _op_conv_2d(self, i, op):
         w = self._const(op.inputs[1])  # OHWI
@@ -424,14 +426,20 @@ class _TfliteImporter:
         self._emit(op.outputs[0], "lut", [self.tensor_of[op.inputs[0]]], {},
                    {"table": np.clip(table, -128, 127).astype(np.int8)})
 
-    def _op_logistic(self, i, op):
-        """TFLite's int8 LOGISTIC table (LUTPopulate, in float32): round(sigmoid(s_in * (q - z_in)) / s_out),
-        ties away from zero, plus z_out; measured equal in all three LiteRT engines."""
+    def _float_table(self, op, function) -> None:
+        """TFLite's int8 table of a float function (LUTPopulate, in float32): round(f(s_in * (q - z_in)) / s_out),
+        ties away from zero, plus z_out."""
         q_in, q_out = self._quant(op.inputs[0]), self._quant(op.outputs[0])
         real = np.float32(q_in.scale) * (INT8_CODES - q_in.zero_point).astype(np.float32)
-        sigmoid = (np.float32(1) / (np.float32(1) + np.exp(-real))).astype(np.float32)
-        scaled = sigmoid * (np.float32(1) / np.float32(q_out.scale))
+        scaled = function(real).astype(np.float32) * (np.float32(1) / np.float32(q_out.scale))
         self._lut(op, np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int64) + q_out.zero_point)
+
+    def _op_logistic(self, i, op):
+        """Measured equal in all three LiteRT engines."""
+        self._float_table(op, lambda v: np.float32(1) / (np.float32(1) + np.exp(-v)))
+
+    def _op_tanh(self, i, op):
+        self._float_table(op, np.tanh)
 
     def _op_hard_swish(self, i, op):
         self._lut(op, tflite_hard_swish_table(self._quant(op.inputs[0]), self._quant(op.outputs[0])))
@@ -447,6 +455,122 @@ class _TfliteImporter:
             raise self._fail_tensor(out, f"is a CONCATENATION (op {i}) of differently quantized inputs, which "
                                     "qftsim does not import yet")
         self._emit(out, "concat", [self.tensor_of[x] for x in op.inputs], {})
+
+    def _op_mul(self, i, op):
+        """The product of the centred inputs (one may broadcast: a (1, 1, 1, C) gate) times about
+        s_a * s_b / s_out."""
+        a, b = op.inputs
+        out = op.outputs[0]
+        for x in (a, b):
+            if x not in self.tensor_of:
+                raise self._fail_tensor(x, f"is a constant operand of MUL (op {i}); qftsim multiplies two tensors")
+        m, t = self._multipliers("mul", self._quant(a).scale, self._scales(b)[:1], self._quant(out).scale)
+        self._emit(out, "mul", [self.tensor_of[a], self.tensor_of[b]],
+                   {"clamp": self._clamp(op.builtinOptions.fusedActivationFunction, out)},
+                   {"multiplier": m, "shift": t})
+
+    def _axis(self, index: int, axis: int) -> int:
+        """The IntModel (channels-first) axis of a TFLite tensor's axis."""
+        rank = len(self._shape(index))
+        axis %= rank
+        return {1: 2, 2: 3, 3: 1}.get(axis, 0) if rank == 4 and index not in self.nchw else axis
+
+    def _slice(self, i, x: int, out: int, bounds: dict[int, tuple[int, int]]) -> None:
+        """out = x restricted to [start, stop) on each TFLite axis of `bounds`: one slice node per cut axis."""
+        if self._quant(x) != self._quant(out):
+            raise self._fail_tensor(out, f"is a slice (op {i}) that changes quantization")
+        shape = self._shape(x)
+        cuts = {a: r for a, r in bounds.items() if r != (0, shape[a])}
+        if 0 in cuts:
+            raise self._fail_tensor(out, f"slices the batch (op {i}); qftsim slices the other axes")
+        name = self.tensor_of[x]
+        self.tensor_of[out] = name
+        for axis, (start, stop) in sorted(cuts.items()):  # the last one names the tensor
+            name = self._emit(out, "slice", [name], {"axis": self._axis(x, axis), "start": start, "stop": stop})
+
+    def _op_split(self, i, op):
+        axis_index, x = op.inputs
+        axis = int(self._const(axis_index).reshape(-1)[0]) % len(self._shape(x))
+        parts, size = len(op.outputs), self._shape(x)[axis]
+        shape = self._shape(x)
+        for k, out in enumerate(op.outputs):
+            bounds = {a: (0, n) for a, n in enumerate(shape)}
+            bounds[axis] = (k * size // parts, (k + 1) * size // parts)
+            self._slice(i, x, out, bounds)
+
+    def _op_strided_slice(self, i, op):
+        x, out = op.inputs[0], op.outputs[0]
+        opt = op.builtinOptions
+        begin, end, strides = (self._const(v).reshape(-1).astype(np.int64) for v in op.inputs[1:4])
+        if strides.any() and (strides != 1).any() or opt.ellipsisMask or opt.newAxisMask or opt.shrinkAxisMask:
+            raise self._fail_tensor(out, f"is a STRIDED_SLICE (op {i}) with strides, ellipsis, new or shrunk axes; "
+                                    "qftsim imports contiguous slices")
+        shape = self._shape(x)
+        bounds = {}
+        for a, n in enumerate(shape):
+            start = 0 if opt.beginMask >> a & 1 else int(begin[a])
+            stop = n if opt.endMask >> a & 1 else int(end[a]) + (start if opt.offset else 0)
+            bounds[a] = slice(start, stop).indices(n)[:2]
+        self._slice(i, x, out, bounds)
+
+    def _resize(self, i, op, mode: str):
+        x, out = op.inputs[0], op.outputs[0]
+        opt = op.builtinOptions
+        (_, h, w, _), (_, ho, wo, _) = self._shape(x), self._shape(out)
+        if self._quant(x) != self._quant(out):
+            raise self._fail_tensor(out, f"is a resize (op {i}) that changes quantization")
+        if opt.alignCorners:
+            raise self._fail_tensor(out, f"is a resize (op {i}) with align_corners, which qftsim does not import")
+        if mode == "bilinear" and not opt.halfPixelCenters:
+            raise self._fail_tensor(out, f"is a RESIZE_BILINEAR (op {i}) without half-pixel centres; qftsim imports "
+                                    "torch's align_corners=False (half_pixel_centers: true)")
+        if mode == "nearest":  # TFLite's float32 indices, taken only where they are qftsim's exact ones
+            for size, new in ((h, ho), (w, wo)):
+                position = (np.arange(new, dtype=np.float32) + np.float32(0.5 * opt.halfPixelCenters)) \
+                    * np.float32(size / new)
+                if not np.array_equal(np.minimum(np.floor(position).astype(np.int64), size - 1),
+                                      arith.nearest_indices(size, new)):
+                    raise self._fail_tensor(out, f"is a RESIZE_NEAREST_NEIGHBOR (op {i}) from {size} to {new} "
+                                            "whose source indices are not floor(out * in / out_size)")
+        self._emit(out, "resize", [self.tensor_of[x]], {"mode": mode, "size": [ho, wo]})
+
+    def _op_resize_nearest_neighbor(self, i, op):
+        self._resize(i, op, "nearest")
+
+    def _op_resize_bilinear(self, i, op):
+        self._resize(i, op, "bilinear")
+
+    def _op_transpose_conv(self, i, op):
+        """TRANSPOSE_CONV as zero insertion then a stride-1 conv with the flipped kernel: the same integer sums
+        (an inserted zero point centres to zero) requantized by the conv's arithmetic."""
+        _, weight_index, x = op.inputs[:3]
+        out = op.outputs[0]
+        opt = op.builtinOptions
+        w = self._const(weight_index)  # O, H, W, I
+        (_, h, wd, _), (_, ho, wo, _) = self._shape(x), self._shape(out)
+        kernel, stride = w.shape[1:3], (opt.strideH, opt.strideW)
+        padding = []
+        for size, new, k, s in zip((h, wd), (ho, wo), kernel, stride):
+            total = max((-(-new // s) - 1) * s + k - new, 0) if opt.padding == self.fb.Padding.SAME else 0
+            before = k - 1 - total // 2
+            padding.append((before, new - (size - 1) * s - 1 - before + k - 1))
+        if min(min(p) for p in padding) < 0:
+            raise self._fail_tensor(out, f"is a TRANSPOSE_CONV (op {i}) that crops more than its kernel; "
+                                    "qftsim does not import it")
+        q_in = self._quant(x)
+        spread = self._new_name(out) + "_zeros"
+        self.names.add(spread)
+        self.nodes.append(Node(spread, "zero_insert", [self.tensor_of[x]], q_in, {"stride": list(stride)}))
+        weight = w[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
+        m, t = self._multipliers("transpose_conv2d", q_in.scale, self._per_channel(weight_index, w.shape[0]),
+                                 self._quant(out).scale)
+        bias = self._bias(op, w.shape[0], position=3)
+        activation = opt.fusedActivationFunction
+        (pt, pb), (pl, pr) = padding
+        self._emit(out, "conv2d", [spread], {"stride": [1, 1], "padding": [pt, pl, pb, pr], "dilation": [1, 1],
+                                             "groups": 1, "clamp": self._clamp(activation, out), "depthwise": False,
+                                             "transposed": True},
+                   {"weight": np.ascontiguousarray(weight).astype(np.int8), "bias": bias, "multiplier": m, "shift": t})
 
     def _op_reshape(self, i, op):
         x, out = op.inputs[0], op.outputs[0]

@@ -373,9 +373,11 @@ OP_ATTRS: dict[str, dict] = {
     # op: {attr: default (None = required)}
     # depthwise: a depthwise kernel (TFLite's DEPTHWISE_CONV_2D), which engines run with their own arithmetic;
     # by default, a conv with groups > 1 and one input channel per group. (With one input channel both
-    # kernels compute the same sums, so only the source can tell.)
+    # kernels compute the same sums, so only the source can tell.) transposed: the stride-1 conv after a
+    # zero_insert that computes a transposed convolution (TFLite's TRANSPOSE_CONV), which engines may also
+    # requantize their own way.
     "conv2d": {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "clamp": None,
-               "depthwise": "auto"},
+               "depthwise": "auto", "transposed": False},
     "linear": {"clamp": None},
     "add": {"input_multipliers": None, "input_shifts": None, "multiplier": None, "shift": None,
             "left_shift": None, "clamp": None},
@@ -405,10 +407,13 @@ OP_ARITY = {"add": 2, "mul": 2}
 
 
 def node_arithmetic(node: Node, profile: HardwareProfile) -> OpArithmetic:
-    """The profile's arithmetic for this node (a conv2d marked depthwise uses depthwise_conv2d's)."""
+    """The profile's arithmetic for this node (a conv2d marked depthwise or transposed uses depthwise_conv2d's
+    or transpose_conv2d's)."""
     op = node.op
     if op == "conv2d" and node.attrs["depthwise"]:
         op = "depthwise_conv2d"
+    elif op == "conv2d" and node.attrs["transposed"]:
+        op = "transpose_conv2d"
     if op not in ARITHMETIC_OPS:
         raise KeyError(f"{node.op} has no arithmetic of its own")
     return profile.arithmetic(op)
@@ -568,10 +573,13 @@ def _check_conv2d(node, profile, in_shapes, in_quants):
     if min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
         raise _err(node, "stride and dilation must be >= 1, padding >= 0")
     if node.attrs["depthwise"] == "auto":
-        node.attrs["depthwise"] = groups > 1 and cg == 1
+        node.attrs["depthwise"] = groups > 1 and cg == 1 and node.attrs["transposed"] is False
     if type(node.attrs["depthwise"]) is not bool or (node.attrs["depthwise"] and (cg != 1 or groups != shape[0])):
         raise _err(node, f"attribute 'depthwise' must be true (one input channel per group, as many groups as "
                          f"input channels) or false, got {node.attrs['depthwise']!r}")
+    if type(node.attrs["transposed"]) is not bool or (node.attrs["transposed"] and node.attrs["depthwise"]):
+        raise _err(node, f"attribute 'transposed' must be true or false (and not with depthwise), got "
+                         f"{node.attrs['transposed']!r}")
     _check_matmul_params(node, profile, o)
     return (o, _window_out(node, shape[1], kh, sh, pt + pb, dh), _window_out(node, shape[2], kw, sw, pl + pr, dw))
 

@@ -31,9 +31,10 @@ OP_KINDS = ("conv2d", "linear", "add", "mul", "concat", "maxpool2d", "avgpool2d"
 # Requantization schemes: an integer multiplier and shift, a shift alone, or a float multiply as
 # XNNPACK (float32, round half to even) and TFLite's reference per-channel FC (float64, half away) do.
 REQUANT_SCHEMES = ("fixed_point", "shift_only", "float32", "float64")
-# Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d is a conv2d
-# node marked depthwise (TFLite's DEPTHWISE_CONV_2D).
-ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "linear", "mean", "add", "mul", "concat", "avgpool2d")
+# Ops whose arithmetic a v2 profile may set on its own (`arithmetic:`); depthwise_conv2d and transpose_conv2d
+# are conv2d nodes marked depthwise or transposed (TFLite's DEPTHWISE_CONV_2D and TRANSPOSE_CONV).
+ARITHMETIC_OPS = ("conv2d", "depthwise_conv2d", "transpose_conv2d", "linear", "mean", "add", "mul", "concat",
+                  "avgpool2d", "resize")
 
 _REQUIRED = object()
 
@@ -105,7 +106,9 @@ _OP_ARITHMETIC_FIELDS = {
     "rounding": _Field(str, choices=ROUNDING_MODES),
     # add: `tflite` rescales both inputs after a left shift (ops.add_left_shift), then the sum;
     # `single_multiplier` (XNNPACK) multiplies each centred input by an integer and rounds the sum once.
-    "form": _Field(str, choices=("tflite", "single_multiplier")),
+    # resize (bilinear): `tflite`, TFLite's integer weights in 1/1024 and the sum rounded half away from zero;
+    # `q11` (XNNPACK), float32 positions, weights rounded to 1/2048, the sum rounded half up.
+    "form": _Field(str, choices=("tflite", "single_multiplier", "q11")),
     # avgpool2d: round the window's mean of the centred values, or of the raw ones (zero point included,
     # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently.
     "domain": _Field(str, choices=("centred", "raw")),
@@ -118,10 +121,12 @@ _OP_ARITHMETIC_FIELDS = {
 }
 _OP_ARITHMETIC_KEYS = {
     "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
+    "transpose_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
     "linear": ("scheme", "rounding"), "mean": ("scheme", "rounding"), "mul": ("scheme", "rounding"),
     "concat": ("rounding",), "add": ("rounding", "form", "element_block", "tail_rounding"),
-    "avgpool2d": ("rounding", "domain"),
+    "avgpool2d": ("rounding", "domain"), "resize": ("form",),
 }
+_OP_FORMS = {"add": ("tflite", "single_multiplier"), "resize": ("tflite", "q11")}
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,8 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
         if block != ("tail_rounding" in fields) or (block and scheme not in (None, "fixed_point")):
             raise _fail(source, f"arithmetic.{op}", "channel_block (or element_block) and tail_rounding go "
                         "together, with a fixed_point scheme")
+        if "form" in fields and fields["form"] not in _OP_FORMS[op]:
+            raise _fail(source, f"arithmetic.{op}.form", f"{op} takes form {' or '.join(_OP_FORMS[op])}")
         if fields.get("form") == "single_multiplier" and rounding in ("gemmlowp_double", "ruy"):
             raise _fail(source, f"arithmetic.{op}.rounding", "the single_multiplier add rounds its sum by one "
                         "shift: use half_up (XNNPACK), half_away, half_even or floor")

@@ -265,6 +265,8 @@ class QGraph(nn.Module):
     def arithmetic(self, n: FNode) -> OpArithmetic:
         """The profile's arithmetic for node n, as intmodel.node_arithmetic decides it for the node it becomes."""
         if n.kind == "conv":
+            if n.attrs.get("transposed"):
+                return self.profile.arithmetic("transpose_conv2d")
             depthwise = n.attrs["groups"] > 1 and n.weight.shape[1] == 1  # as intmodel's "auto" decides it
             return self.profile.arithmetic("depthwise_conv2d" if depthwise else "conv2d")
         return self.profile.arithmetic(INT_OPS[n.kind])
@@ -447,9 +449,10 @@ class QGraph(nn.Module):
         """The integer resize of arith (in training with the gradient of torch's float interpolation)."""
         (x,) = xs
         in_hw = tuple(x.shape[2:])
+        form = self.profile.arithmetic("resize").form
         if not self.training or n.attrs["mode"] == "nearest":  # nearest: a gather, whose gradient is exact
-            return arith.resize(x, in_hw, n.attrs["mode"], n.attrs["size"], arith.take_torch)
-        exact = arith.resize(x.detach().double(), in_hw, "bilinear", n.attrs["size"], arith.take_torch)
+            return arith.resize(x, in_hw, n.attrs["mode"], n.attrs["size"], arith.take_torch, form)
+        exact = arith.resize(x.detach().double(), in_hw, "bilinear", n.attrs["size"], arith.take_torch, form)
         soft = F.interpolate(x, size=n.attrs["size"], mode="bilinear", align_corners=False)
         return soft + (exact.to(soft.dtype) - soft).detach()
 
@@ -536,7 +539,8 @@ class QGraph(nn.Module):
                 attrs = {"clamp": list(self.clamp_bounds(n.name, n.act))}
                 if n.kind == "conv":
                     attrs.update(stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
-                                 dilation=list(n.attrs["dilation"]), groups=n.attrs["groups"])
+                                 dilation=list(n.attrs["dilation"]), groups=n.attrs["groups"],
+                                 transposed=bool(n.attrs.get("transposed")))
                 nodes.append(Node(n.name, INT_OPS[n.kind], list(n.inputs), quant,
                                   attrs, arrays))
             elif n.kind == "add":

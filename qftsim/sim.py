@@ -453,7 +453,7 @@ class _Simulator:
     def _resize(self, node, xs, in_quants):
         (x,) = xs
         y = arith.resize(x.to(torch.float64), tuple(x.shape[2:]), node.attrs["mode"], node.attrs["size"],
-                        arith.take_torch)
+                         arith.take_torch, node_arithmetic(node, self.profile).form)
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y
 

@@ -40,8 +40,8 @@ def profiles(draw) -> HardwareProfile:
     if draw(st.booleans()):  # per-op arithmetic (schema 2) on top of whatever the profile states
         d["schema_version"] = 2
         arithmetic = d.setdefault("arithmetic", {})
-        for op in draw(st.lists(st.sampled_from(["conv2d", "depthwise_conv2d", "linear", "mean", "mul"]),
-                                max_size=3)):
+        for op in draw(st.lists(st.sampled_from(["conv2d", "depthwise_conv2d", "transpose_conv2d", "linear", "mean",
+                                                 "mul"]), max_size=3)):
             scheme = draw(st.sampled_from(["fixed_point", "float32", "float64", "shift_only"]))
             rounding = draw(st.sampled_from([r for r in ROUNDING_MODES if scheme == "fixed_point"
                                              or r not in ("gemmlowp_double", "ruy")]))
@@ -52,6 +52,8 @@ def profiles(draw) -> HardwareProfile:
         if draw(st.booleans()):
             arithmetic["add"] = {"rounding": draw(st.sampled_from(ROUNDING_MODES)), "element_block": 4,
                                  "tail_rounding": draw(st.sampled_from(ROUNDING_MODES))}
+        if draw(st.booleans()):
+            arithmetic["resize"] = {"form": draw(st.sampled_from(["tflite", "q11"]))}
         if draw(st.booleans()):
             arithmetic["avgpool2d"] = {"domain": draw(st.sampled_from(["raw", "centred"])),
                                        "rounding": draw(st.sampled_from(ROUNDING_MODES))}
@@ -151,11 +153,13 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None) -
             out_q = b.quant()
             # one input channel: a dense or a depthwise kernel (the same sums; engines round them differently)
             depthwise = groups > 1 or (c == 1 and draw(st.booleans()))
-            kind = "depthwise_conv2d" if depthwise else "conv2d"
+            transposed = not depthwise and draw(st.booleans())  # the arithmetic of a transposed conv's kernel
+            kind = "depthwise_conv2d" if depthwise else "transpose_conv2d" if transposed else "conv2d"
             arrays = b.matmul_params(out_c, (out_c, c // groups, kh, kw), c // groups * kh * kw, q, kind)
             current = b.add(name, "conv2d", [current], out_q,
                             {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups,
-                             "clamp": b.clamp_for(out_q), "depthwise": depthwise}, arrays, (out_c, ho, wo))
+                             "clamp": b.clamp_for(out_q), "depthwise": depthwise, "transposed": transposed},
+                            arrays, (out_c, ho, wo))
         elif op == "linear":
             out_f = draw(st.integers(1, 5))
             out_q = b.quant()

@@ -117,8 +117,18 @@ def _per_channel(arr, o):
     return int(arr[o]) if len(arr) > 1 else int(arr[0])
 
 
-def _bilinear_taps(index: int, in_size: int, out_size: int) -> list[tuple[int, int]]:
-    """(input index, weight in 1/1024) of the two taps of one output index (TFLite's integer rule)."""
+def _bilinear_taps(index: int, in_size: int, out_size: int, form: str) -> list[tuple[int, int]]:
+    """(input index, weight in 1/2^bits) of the two taps of one output index: TFLite's integer rule (1/1024) or
+    XNNPACK's q11 (float32 position, fraction rounded to even in 1/2048)."""
+    import numpy as np
+
+    if form == "q11":
+        scale = np.float32(in_size) / np.float32(out_size)
+        position = np.float32(index) * scale + (np.float32(0.5) * scale - np.float32(0.5))
+        position = min(max(position, np.float32(0)), np.float32(in_size - 1))
+        lower = int(position)
+        upper_weight = int(np.rint((position - np.float32(lower)) * np.float32(2048)))
+        return [(lower, 2048 - upper_weight), (min(lower + 1, in_size - 1), upper_weight)]
     scale = (1024 * in_size + out_size // 2) // out_size
     position = index * scale + scale // 2 - 512
     lower = max(int(position / 1024), 0)  # C truncates toward zero
@@ -264,12 +274,14 @@ def run_model(model, x):
             for n, c, y, xx in np.ndindex(*out.shape):
                 if a["mode"] == "nearest":
                     out[n, c, y, xx] = int(xv[n, c, y * h_ // ho, xx * w_ // wo])
-                else:  # TFLite's ResizeBilinearInteger, half-pixel centres, written out
+                else:  # TFLite's ResizeBilinearInteger or XNNPACK's q11 kernel, half-pixel centres, written out
+                    form = node_arithmetic(node, p).form
                     total = 0
-                    for (i, wi) in _bilinear_taps(y, h_, ho):
-                        for (j, wj) in _bilinear_taps(xx, w_, wo):
+                    for (i, wi) in _bilinear_taps(y, h_, ho, form):
+                        for (j, wj) in _bilinear_taps(xx, w_, wo, form):
                             total += int(xv[n, c, i, j]) * wi * wj
-                    out[n, c, y, xx] = round_fraction(Fraction(total, 1 << 20), "half_away")
+                    bits, rounding = (11, "half_up") if form == "q11" else (10, "half_away")
+                    out[n, c, y, xx] = round_fraction(Fraction(total, 1 << 2 * bits), rounding)
         elif node.op == "zero_insert":
             (xv,), (q,) = ins, qin
             sh, sw = a["stride"]

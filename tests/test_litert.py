@@ -89,7 +89,8 @@ def compare_with_engine(model: bytes, profile, resolver, x_nhwc: np.ndarray, tal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccumulatorOverflowWarning)
         ours = simulate(int_model, to_nchw(x_nhwc), keep_tensors=True).tensors
-    ops = {n.name: "depthwise_conv2d" if n.attrs.get("depthwise") else n.op for n in int_model.nodes}
+    ops = {n.name: "depthwise_conv2d" if n.attrs.get("depthwise") else "transpose_conv2d" if n.attrs.get("transposed")
+           else n.op for n in int_model.nodes}
     differ = 0
     deployed = engine_tensors(model, resolver, x_nhwc, every_tensor=False)
     for sample, theirs in enumerate(engine_tensors(model, resolver, x_nhwc)):
@@ -129,7 +130,8 @@ def networks(draw):
     activations = st.sampled_from([None, "relu", "relu6", "relu_n1_to_1"])
     for _ in range(draw(st.integers(1, 4))):
         _, h, w, c = m.shapes[x]
-        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "residual", "pool", "concat", "pad", "unary"]))
+        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "residual", "pool", "concat", "pad", "unary",
+                                     "gate", "split", "slice", "resize", "transpose_conv"]))
         if kind in ("conv", "depthwise"):
             k = draw(st.sampled_from([1, 3, 5]))
             padding = draw(st.sampled_from(["same", "valid"]))
@@ -147,7 +149,29 @@ def networks(draw):
             x = m.pool(x, draw(st.sampled_from(["avg", "max"])), k, draw(st.sampled_from([1, 2])),
                        draw(st.sampled_from(["same", "valid"])))
         elif kind == "unary":
-            x = m.unary(x, draw(st.sampled_from([OPS.LOGISTIC, OPS.HARD_SWISH])))
+            x = m.unary(x, draw(st.sampled_from([OPS.LOGISTIC, OPS.HARD_SWISH, OPS.TANH])))
+        elif kind == "gate":  # squeeze-excite: x * sigmoid(conv(x or its mean)), the gate broadcast or not
+            source = m.pool(x, "avg", min(h, w), min(h, w)) if draw(st.booleans()) and h == w else x
+            x = m.mul(x, m.unary(m.conv(source, c, 1), OPS.LOGISTIC), draw(st.sampled_from([None, "relu"])))
+        elif kind == "split":
+            if c % 2 and c % 3:
+                continue
+            parts = m.split(x, 3, draw(st.sampled_from([p for p in (2, 3) if c % p == 0])))
+            x = m.add(parts[-1], m.conv(parts[0], c // len(parts), 1))
+            for middle in parts[1:-1]:  # every output used: the quantizer's calibration reads them all
+                x = m.add(x, middle)
+        elif kind == "slice":
+            begin = [0] + [draw(st.integers(0, n - 1)) for n in (h, w, c)]
+            end = [1] + [draw(st.integers(b + 1, n)) for b, n in zip(begin[1:], (h, w, c))]
+            x = m.strided_slice(x, begin, end)
+        elif kind == "resize":
+            mode = draw(st.sampled_from(["nearest", "bilinear"]))
+            new_hw = (h * 2, w * 2) if mode == "nearest" else (draw(st.integers(2, 14)), draw(st.integers(2, 14)))
+            x = m.resize(x, mode, new_hw, half_pixel=mode == "bilinear" or draw(st.booleans()))
+        elif kind == "transpose_conv":
+            k, stride = draw(st.sampled_from([2, 3])), draw(st.sampled_from([1, 2]))
+            x = m.transpose_conv(x, draw(st.sampled_from([3, 8, 12])), k, stride,
+                                 draw(st.sampled_from(["same", "valid"])), draw(activations))
         elif kind == "concat":
             x = m.concat([m.conv(x, draw(st.sampled_from([1, 2, 3])), 1, 1, "same") for _ in range(2)])
         else:
@@ -251,6 +275,11 @@ def test_fixture_equals_litert_on_every_tensor(path, profile):
     ("litert-optimized", "linear", {"rounding": "gemmlowp_double"}),
     ("litert-xnnpack", "conv2d", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
     ("litert-xnnpack", "mean", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
+    ("litert-reference", "mul", {"rounding": "half_up"}),
+    ("litert-optimized", "transpose_conv2d", {"rounding": "gemmlowp_double"}),
+    ("litert-optimized", "transpose_conv2d", {"tail_rounding": "ruy"}),
+    ("litert-xnnpack", "transpose_conv2d", {"scheme": "fixed_point", "rounding": "gemmlowp_double"}),
+    ("litert-xnnpack", "resize", {"form": "tflite"}),
 ])
 def test_a_swapped_rounding_rule_is_caught(profile, op, rule):
     """The comparison has teeth: one rule changed in one op of the profile makes the fixtures differ."""
@@ -319,7 +348,7 @@ def test_report_per_profile_and_op(capsys):
     rows = sorted(TALLY.compared)
     with capsys.disabled():
         for key in rows:
-            print(f"\n{key[0]:18s} {key[1]:10s} compared {TALLY.compared[key]:9d} differ {TALLY.differ[key]}", end="")
+            print(f"\n{key[0]:18s} {key[1]:16s} compared {TALLY.compared[key]:9d} differ {TALLY.differ[key]}", end="")
     assert TALLY.total_differ() == 0
 
 

@@ -16,7 +16,7 @@ CASES = {
     "mobilenetv3": (("litert-xnnpack", "litert-reference"), {"mul", "lut", "conv2d", "avgpool2d"}),
     "efficientnet": (("int8-default", "litert-xnnpack"), {"mul", "lut", "mean"}),
     "yolo": (("litert-optimized", "int8-default"), {"slice", "resize", "concat", "maxpool2d", "lut"}),
-    "unet": (("int8-default", "fpga-w4a4-pow2-acc16"), {"zero_insert", "resize", "concat", "mean"}),
+    "unet": (("litert-xnnpack", "fpga-w4a4-pow2-acc16"), {"zero_insert", "resize", "concat", "mean"}),
     "resnet-maxpool": (("npu-a8w4", "litert-xnnpack"), {"maxpool2d", "add"}),
 }
 

@@ -56,15 +56,22 @@ class FloatModel:
         return len(self.tensors) - 1
 
     def _op(self, code: int, inputs: list[int], out_shape, options_type=0, options=None) -> int:
+        return self._multi_op(code, inputs, [out_shape], options_type, options)[0]
+
+    def _multi_op(self, code: int, inputs: list[int], out_shapes, options_type=0, options=None) -> list[int]:
         if code not in self.codes:
             self.codes.append(code)
-        out = self._tensor(out_shape)
+        outs = [self._tensor(shape) for shape in out_shapes]
         op = fb.OperatorT()
         op.opcodeIndex = self.codes.index(code)
-        op.inputs, op.outputs = list(inputs), [out]
+        op.inputs, op.outputs = list(inputs), outs
         op.builtinOptionsType, op.builtinOptions = options_type, options
         self.ops.append(op)
-        return out
+        return outs
+
+    def _int32(self, values) -> int:
+        values = np.asarray(values, dtype=np.int32)
+        return self._tensor(values.shape, values, dtype=fb.TensorType.INT32)
 
     def _weights(self, shape, fan_in: int) -> np.ndarray:
         return (self.rng.standard_normal(shape) * (1.5 / np.sqrt(fan_in))).astype(np.float32)
@@ -151,6 +158,55 @@ class FloatModel:
         if code == OPS.SOFTMAX:
             options[1].beta = 1.0
         return self._op(code, [x], self.shapes[x], *options)
+
+    def mul(self, a: int, b: int, activation: str | None = None) -> int:
+        """a * b, b broadcast to a's shape (a (1, 1, 1, C) gate, say)."""
+        opt = fb.MulOptionsT()
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        shape = tuple(np.broadcast_shapes(self.shapes[a], self.shapes[b]))
+        return self._op(fb.BuiltinOperator.MUL, [a, b], shape, fb.BuiltinOptions.MulOptions, opt)
+
+    def split(self, x: int, axis: int, parts: int) -> list[int]:
+        opt = fb.SplitOptionsT()
+        opt.numSplits = parts
+        shape = list(self.shapes[x])
+        shape[axis] //= parts
+        return self._multi_op(fb.BuiltinOperator.SPLIT, [self._int32(axis), x], [tuple(shape)] * parts,
+                              fb.BuiltinOptions.SplitOptions, opt)
+
+    def strided_slice(self, x: int, begin: list[int], end: list[int]) -> int:
+        """x[begin:end] at stride 1 on every axis (negative ends count from the back)."""
+        shape = tuple(len(range(*slice(b, e).indices(n))) for b, e, n in zip(begin, end, self.shapes[x]))
+        return self._op(fb.BuiltinOperator.STRIDED_SLICE, [x, self._int32(begin), self._int32(end),
+                                                           self._int32([1] * len(begin))], shape,
+                        fb.BuiltinOptions.StridedSliceOptions, fb.StridedSliceOptionsT())
+
+    def resize(self, x: int, mode: str, size: tuple[int, int], half_pixel: bool = True,
+               align_corners: bool = False) -> int:
+        n, _, _, c = self.shapes[x]
+        if mode == "nearest":
+            code, opt = fb.BuiltinOperator.RESIZE_NEAREST_NEIGHBOR, fb.ResizeNearestNeighborOptionsT()
+            options = fb.BuiltinOptions.ResizeNearestNeighborOptions
+        else:
+            code, opt = fb.BuiltinOperator.RESIZE_BILINEAR, fb.ResizeBilinearOptionsT()
+            options = fb.BuiltinOptions.ResizeBilinearOptions
+        opt.halfPixelCenters, opt.alignCorners = half_pixel, align_corners
+        return self._op(code, [x, self._int32(size)], (n, *size, c), options, opt)
+
+    def transpose_conv(self, x: int, out_channels: int, kernel: int, stride: int, padding: str = "same",
+                       activation: str | None = None) -> int:
+        """TRANSPOSE_CONV (output size in * stride for SAME, (in - 1) * stride + kernel for VALID)."""
+        n, h, w, c = self.shapes[x]
+        size = [v * stride if padding == "same" else (v - 1) * stride + kernel for v in (h, w)]
+        weight = self._tensor((out_channels, kernel, kernel, c),
+                              self._weights((out_channels, kernel, kernel, c), kernel * kernel * c / stride**2))
+        bias = self._tensor((out_channels,), (self.rng.standard_normal(out_channels) * 0.3).astype(np.float32))
+        opt = fb.TransposeConvOptionsT()
+        opt.padding = fb.Padding.SAME if padding == "same" else fb.Padding.VALID
+        opt.strideH = opt.strideW = stride
+        opt.fusedActivationFunction = ACTIVATIONS[activation]
+        return self._op(fb.BuiltinOperator.TRANSPOSE_CONV, [self._int32([n, *size, out_channels]), weight, x, bias],
+                        (n, *size, out_channels), fb.BuiltinOptions.TransposeConvOptions, opt)
 
     def flatten(self, x: int) -> int:
         shape = self.shapes[x]
@@ -244,7 +300,23 @@ def _fixture_wide(seed: int) -> tuple[FloatModel, int]:
     return m, m.fully_connected(m.mean(wide), 300)
 
 
-FIXTURES = {"wide": _fixture_wide, "mixed": _fixture_mixed, "padded": _fixture_padded, "single_channel": _fixture_single_channel}
+def _fixture_decoder(seed: int) -> tuple[FloatModel, int]:
+    """The ops of squeeze-excite nets, detectors and decoders: a MUL by a broadcast LOGISTIC gate, TANH, SPLIT,
+    STRIDED_SLICE, nearest and bilinear RESIZE, TRANSPOSE_CONV with 12 output channels (TFLite's optimized
+    kernel rounds a block of 8 one way and the other 4 another)."""
+    m = FloatModel((1, 8, 8, 6), seed)
+    x = m.conv(m.input, 12, 3, 2, "same", "relu")  # 4 x 4 x 12
+    gate = m.unary(m.conv(m.pool(x, "avg", 4, 4), 12, 1), OPS.LOGISTIC)  # 1 x 1 x 12
+    a, b = m.split(m.unary(m.mul(x, gate), OPS.TANH), 3, 2)
+    up = m.resize(m.strided_slice(a, [0, 1, 0, 0], [1, 4, 4, 5]), "nearest", (6, 8), half_pixel=False)
+    t = m.strided_slice(m.transpose_conv(b, 12, 3, 2, "same"), [0, 1, 0, 0], [1, 7, 8, 12])  # 6 x 8
+    y = m.add(m.conv(up, 12, 3), m.conv(t, 12, 1))
+    z = m.add(y, m.conv(m.resize(b, "bilinear", (6, 8)), 12, 1))
+    return m, m.fully_connected(m.mean(z), 10)
+
+
+FIXTURES = {"wide": _fixture_wide, "mixed": _fixture_mixed, "padded": _fixture_padded,
+            "single_channel": _fixture_single_channel, "decoder": _fixture_decoder}
 
 
 def write_fixtures(folder) -> None:
