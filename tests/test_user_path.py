@@ -226,6 +226,24 @@ def test_pt2_layers_are_named_by_module_path(tmp_path, network):
         assert torch.allclose(exported.run(x)[exported.output], traced.run(x)[traced.output], atol=1e-5)
 
 
+@pytest.mark.parametrize("network", ["mobilenetv3", "efficientnet", "yolo", "unet", "resnet-maxpool"])
+def test_pt2_of_the_op_coverage_networks_captures_as_traced(tmp_path, network):
+    """torch.export's ATen forms of mul, mean, split/chunk, upsampling, transposed conv and max pooling capture to
+    the graph torch.fx gives (the same node kinds, in order) and compute the same outputs."""
+    from qftsim.capture import capture
+    from qftsim.loaders import load_exported_program
+    from qftsim.zoo import REFERENCE_NETWORKS
+
+    torch.manual_seed(0)
+    net, x = REFERENCE_NETWORKS[network]().eval(), load_mnist()[0][:8]
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=({0: batch},)), str(tmp_path / "n.pt2"))
+    traced, exported = capture(net, x[:2]), capture(load_exported_program(tmp_path / "n.pt2"), x[:2])
+    assert [n.kind for n in exported.nodes] == [n.kind for n in traced.nodes]
+    with torch.no_grad():
+        assert torch.allclose(exported.run(x)[exported.output], traced.run(x)[traced.output], atol=1e-5)
+
+
 class SoftplusNet(torch.nn.Module):
     """Two Softpluses and an elementwise division: three ops capture does not take."""
 
