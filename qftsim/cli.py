@@ -119,6 +119,13 @@ def _export(args) -> int:
     from qftsim import intmodel
 
     model = intmodel.load(args.model)
+    if args.format == "tflite":
+        from export.tflite import litert_profile_of, to_tflite
+
+        intmodel.atomic_write_bytes(Path(args.output), to_tflite(model))
+        print(f"wrote {args.output}: fully-int8 TFLite that LiteRT ({litert_profile_of(model.profile)}'s kernels) "
+              "runs to the simulator's integers (checked by importing it back)")
+        return EXIT_OK
     sidecar = export_library(model, args.output, args.target)
     print(f"compiled {args.model} for {sidecar['target_string']}: {args.output} (+ {Path(args.output).name}.json)")
     return EXIT_OK
@@ -459,12 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--report", metavar="DIR", help="report folder (default OUT-report)")
     quant.set_defaults(func=_quantize)
 
-    export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar")
+    export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar, or "
+                                            "write it as a fully-int8 .tflite for LiteRT")
     export.add_argument("model", help="a .qft IntModel file")
+    export.add_argument("--format", default="tvm", choices=["tvm", "tflite"],
+                        help="tvm: a compiled library; tflite: a .tflite for a model on a litert profile")
     export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"],
                         help="this CPU (host, AVX-512 VNNI where it has it), portable x86-64, or aarch64 (cross)")
-    export.add_argument("-o", "--output", required=True, metavar="OUT.so",
-                        help="the shared library to write (its sidecar inside it, a copy in OUT.so.json)")
+    export.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="the file to write: OUT.so (its sidecar inside it, a copy in OUT.so.json) or OUT.tflite")
     export.set_defaults(func=_export)
 
     imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")

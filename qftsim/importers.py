@@ -51,6 +51,53 @@ def _read(path: Path) -> bytes:
         raise QftsimError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def engine_multipliers(profile: HardwareProfile, op_kind: str, s_in: float, s_w: np.ndarray, s_out: float,
+                       divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (m, t) arrays for s_in * s_w / (s_out * divisor), computed from float32 scales as the profile's
+    engine computes them (the exporter solves the same function for the weight scales)."""
+    arithmetic = profile.arithmetic(op_kind)
+    rq = profile.requant
+    s_in32, s_out32 = np.float32(s_in), np.float32(s_out)
+    if arithmetic.scheme == "float32":  # XNNPACK: input_scale * kernel_scale / output_scale in float32
+        real = (s_in32 * s_w.astype(np.float32)) / (s_out32 * np.float32(divisor))
+    else:  # TFLite: double(input_scale) * double(filter_scale) / double(output_scale)
+        real = np.float64(s_in32) * s_w.astype(np.float64) / (np.float64(s_out32) * divisor)
+    m, t = arith.op_multipliers(np.asarray(real, dtype=np.float64), arithmetic.scheme, rq.multiplier_bits,
+                                rq.shift_range)
+    stored = stored_requant(m, t, arithmetic.scheme)
+    return stored["multiplier"], stored["shift"]
+
+
+def activation_bounds(q: TensorQuant, activation: str) -> list[int]:
+    """The integer bounds of a fused activation (none, relu, relu6, relu_n1_to_1) on a tensor quantized as q,
+    as TFLite's CalculateActivationRangeQuantized sets them: zero_point + TfLiteRound(f / scale) in float32."""
+    def level(real: float) -> int:
+        v = np.float32(real) / np.float32(q.scale)
+        return q.zero_point + int(np.trunc(v + np.copysign(np.float32(0.5), v)))
+
+    lo, hi = {"none": (q.qmin, q.qmax), "relu": (max(q.qmin, q.zero_point), q.qmax),
+              "relu6": (max(q.qmin, q.zero_point), min(q.qmax, level(6.0))),
+              "relu_n1_to_1": (max(q.qmin, level(-1.0)), min(q.qmax, level(1.0)))}[activation]
+    return [lo, hi]
+
+
+def float_table(q_in: TensorQuant, q_out: TensorQuant, function) -> np.ndarray:
+    """TFLite's int8 table of a float function (LUTPopulate, in float32): round(f(s_in * (q - z_in)) / s_out),
+    ties away from zero, plus z_out, for every input code."""
+    real = np.float32(q_in.scale) * (INT8_CODES - q_in.zero_point).astype(np.float32)
+    scaled = function(real).astype(np.float32) * (np.float32(1) / np.float32(q_out.scale))
+    return np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int64) + q_out.zero_point
+
+
+# TFLite's table ops: their int8 tables from the input and output quantization (LOGISTIC and HARD_SWISH
+# measured equal in all three LiteRT engines, TANH as well)
+TABLE_OPS = {
+    "LOGISTIC": lambda q_in, q_out: float_table(q_in, q_out, lambda v: np.float32(1) / (np.float32(1) + np.exp(-v))),
+    "TANH": lambda q_in, q_out: float_table(q_in, q_out, np.tanh),
+    "HARD_SWISH": lambda q_in, q_out: tflite_hard_swish_table(q_in, q_out),
+}
+
+
 class _TfliteImporter:
     def __init__(self, data: bytes, profile: HardwareProfile, source: str):
         fb = _schema()
@@ -203,40 +250,16 @@ class _TfliteImporter:
         return name
 
     def _clamp(self, activation: int, out_index: int) -> list[int]:
-        """The integer bounds of a fused activation, as TFLite's CalculateActivationRangeQuantized sets them."""
-        q = self._quant(out_index)
-        a = self.fb.ActivationFunctionType
-
-        def level(real: float) -> int:  # zero_point + TfLiteRound(f / scale), in float32
-            v = np.float32(real) / np.float32(q.scale)
-            return q.zero_point + int(np.trunc(v + np.copysign(np.float32(0.5), v)))
-
-        lo, hi = q.qmin, q.qmax
-        if activation == a.RELU:
-            lo = max(lo, q.zero_point)
-        elif activation == a.RELU6:
-            lo, hi = max(lo, q.zero_point), min(hi, level(6.0))
-        elif activation == a.RELU_N1_TO_1:
-            lo, hi = max(lo, level(-1.0)), min(hi, level(1.0))
-        elif activation != a.NONE:
+        """The integer bounds of a fused activation."""
+        names = {v: k.lower() for k, v in vars(self.fb.ActivationFunctionType).items() if not k.startswith("_")}
+        if names.get(activation) not in ("none", "relu", "relu6", "relu_n1_to_1"):
             raise self._fail_tensor(out_index, f"has fused activation {activation}, which qftsim does not import")
-        return [lo, hi]
+        return activation_bounds(self._quant(out_index), names[activation])
 
     # ------------------------------------------------------------ requantization
 
     def _multipliers(self, op_kind: str, s_in: float, s_w: np.ndarray, s_out: float, divisor: int = 1):
-        """(m, t) arrays for s_in * s_w / (s_out * divisor), computed as the profile's engine computes it."""
-        arithmetic = self.profile.arithmetic(op_kind)
-        rq = self.profile.requant
-        s_in32, s_out32 = np.float32(s_in), np.float32(s_out)
-        if arithmetic.scheme == "float32":  # XNNPACK: input_scale * kernel_scale / output_scale in float32
-            real = (s_in32 * s_w.astype(np.float32)) / (s_out32 * np.float32(divisor))
-        else:  # TFLite: double(input_scale) * double(filter_scale) / double(output_scale)
-            real = np.float64(s_in32) * s_w.astype(np.float64) / (np.float64(s_out32) * divisor)
-        m, t = arith.op_multipliers(np.asarray(real, dtype=np.float64), arithmetic.scheme, rq.multiplier_bits,
-                                    rq.shift_range)
-        stored = stored_requant(m, t, arithmetic.scheme)
-        return stored["multiplier"], stored["shift"]
+        return engine_multipliers(self.profile, op_kind, s_in, s_w, s_out, divisor)
 
     # ------------------------------------------------------------ ops
 
@@ -421,28 +444,13 @@ class _TfliteImporter:
             self.names.add(f"{name}_hw")
             self.tensor_of[out] = f"{name}_hw"
 
-    def _lut(self, op, table: np.ndarray) -> None:
-        """A pointwise op as the 256-entry table of its int8 outputs, indexed by the input code + 128."""
+    def _table(self, i, op) -> None:
+        """A TFLite table op as the 256-entry table of its int8 outputs, indexed by the input code + 128."""
+        table = TABLE_OPS[self._code(op)](self._quant(op.inputs[0]), self._quant(op.outputs[0]))
         self._emit(op.outputs[0], "lut", [self.tensor_of[op.inputs[0]]], {},
                    {"table": np.clip(table, -128, 127).astype(np.int8)})
 
-    def _float_table(self, op, function) -> None:
-        """TFLite's int8 table of a float function (LUTPopulate, in float32): round(f(s_in * (q - z_in)) / s_out),
-        ties away from zero, plus z_out."""
-        q_in, q_out = self._quant(op.inputs[0]), self._quant(op.outputs[0])
-        real = np.float32(q_in.scale) * (INT8_CODES - q_in.zero_point).astype(np.float32)
-        scaled = function(real).astype(np.float32) * (np.float32(1) / np.float32(q_out.scale))
-        self._lut(op, np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int64) + q_out.zero_point)
-
-    def _op_logistic(self, i, op):
-        """Measured equal in all three LiteRT engines."""
-        self._float_table(op, lambda v: np.float32(1) / (np.float32(1) + np.exp(-v)))
-
-    def _op_tanh(self, i, op):
-        self._float_table(op, np.tanh)
-
-    def _op_hard_swish(self, i, op):
-        self._lut(op, tflite_hard_swish_table(self._quant(op.inputs[0]), self._quant(op.outputs[0])))
+    _op_logistic = _op_tanh = _op_hard_swish = _table
 
     def _op_concatenation(self, i, op):
         out = op.outputs[0]

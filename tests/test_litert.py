@@ -343,13 +343,17 @@ def test_not_a_tflite_file_is_refused(tmp_path):
         from_tflite(bad, "litert-xnnpack")
 
 
+def _report(tally: Tally, direction: str, capsys) -> None:
+    with capsys.disabled():
+        for key in sorted(tally.compared):
+            print(f"\n{direction} {key[0]:18s} {key[1]:16s} compared {tally.compared[key]:9d} differ "
+                  f"{tally.differ[key]}", end="")
+    assert tally.total_differ() == 0
+
+
 def test_report_per_profile_and_op(capsys):
     """Prints what the run compared (the issue's table): elements compared and differing, per profile and op."""
-    rows = sorted(TALLY.compared)
-    with capsys.disabled():
-        for key in rows:
-            print(f"\n{key[0]:18s} {key[1]:16s} compared {TALLY.compared[key]:9d} differ {TALLY.differ[key]}", end="")
-    assert TALLY.total_differ() == 0
+    _report(TALLY, "import", capsys)
 
 
 def test_cli_import_then_golden_vectors_and_a_narrower_accumulator(tmp_path):
@@ -416,3 +420,88 @@ def test_float_edges_quantize_and_dequantize_are_taken_off():
     sample = np.random.default_rng(0).integers(-128, 128, (2, *plain.inputs[0].shape)).astype(np.int8)
     assert np.array_equal(simulate(wrapped, sample).outputs[wrapped.outputs[0]],
                           simulate(plain, sample).outputs[plain.outputs[0]])
+
+
+# ---------------------------------------------------------------- export: qftsim writes, LiteRT runs
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(networks())
+def test_exported_tflite_runs_in_litert_to_the_simulators_integers(network):
+    """An IntModel (here imported from a generated network, for each profile) written by export.tflite runs in
+    the profile's engine to what the simulator computes, every tensor; the writer checked the file imports
+    back to the model's own nodes."""
+    pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is not installed")
+    from export.tflite import to_tflite
+    from tests.tflite_models import quantize_int8
+
+    float_model, shape, seed = network
+    rng = np.random.default_rng(seed)
+    model = quantize_int8(float_model, rng.standard_normal((8, *shape[1:])).astype(np.float32))
+    assume(min(q.scale for q in _activation_quants(model)) > 1e-6)  # see the import test above
+    x = edge_inputs(shape, from_tflite(model, "litert-reference").inputs[0].quant.zero_point, rng)
+    for profile, resolver in ENGINES.items():
+        assert compare_with_engine(to_tflite(from_tflite(model, profile)), profile, resolver, x, EXPORT_TALLY) == 0
+
+
+EXPORT_TALLY = Tally()
+
+
+@pytest.mark.parametrize("profile", ENGINES)
+def test_exported_fixtures_run_in_litert_to_the_simulators_integers(profile):
+    from export.tflite import to_tflite
+
+    for path in fixtures():
+        int_model = from_tflite(path.read_bytes(), profile)
+        c, h, w = int_model.inputs[0].shape
+        x = edge_inputs((1, h, w, c), int_model.inputs[0].quant.zero_point, np.random.default_rng(3), random=8)
+        assert compare_with_engine(to_tflite(int_model), profile, ENGINES[profile], x, EXPORT_TALLY) == 0, path.name
+
+
+def test_qft_model_exported_gives_litert_the_simulators_logits(tmp_path, capsys):
+    """A QFT-trained MobileNetV2 on litert-xnnpack, written by `qftsim export --format tflite`: LiteRT's
+    default interpreter gives the simulator's logits."""
+    import torch
+
+    from qftsim.cli import main
+    from qftsim.qft import quantize_graph
+    from qftsim.zoo import REFERENCE_NETWORKS, load_mnist
+
+    torch.manual_seed(0)
+    x_train, _, x_test, _ = load_mnist()
+    qgraph, _ = quantize_graph(REFERENCE_NETWORKS["mobilenetv2"]().eval(), x_train[:128], "litert-xnnpack",
+                               epochs=1, dataset_size=128, progress=False)
+    int_model = qgraph.integerize()
+    int_model.save(tmp_path / "m.qft")
+    assert main(["export", str(tmp_path / "m.qft"), "--format", "tflite", "-o", str(tmp_path / "m.tflite")]) == 0
+    assert "litert-xnnpack" in capsys.readouterr().out
+    q = int_model.inputs[0].quant.quantize(x_test[:16].numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        ours = simulate(int_model, q).outputs[int_model.outputs[0]]
+    runs = engine_tensors((tmp_path / "m.tflite").read_bytes(), ENGINES["litert-xnnpack"], to_nhwc(q).astype(np.int8),
+                          every_tensor=False)
+    theirs = np.concatenate([next(iter(r.values())) for r in runs])
+    assert np.array_equal(ours.reshape(theirs.shape), theirs)
+
+
+def test_export_refuses_what_litert_would_compute_otherwise():
+    """One line each: a profile LiteRT does not run (the field named), a multiplier no float32 scale gives."""
+    from export.tflite import to_tflite
+    from qftsim.intmodel import IntModel, Node
+
+    with pytest.raises(QftsimError, match=r"profile int8-default: LiteRT cannot run it: arithmetic\.\S+ is"):
+        imported = from_tflite((FIXTURES / "single_channel.tflite").read_bytes(), "litert-reference")
+        to_tflite(IntModel(load_profile("int8-default"), imported.inputs, imported.nodes, imported.outputs))
+    int_model = from_tflite((FIXTURES / "mixed.tflite").read_bytes(), "litert-reference")
+    nodes = list(int_model.nodes)
+    k = next(i for i, n in enumerate(nodes) if n.op == "conv2d")
+    multiplier = nodes[k].arrays["multiplier"].copy()
+    multiplier[0] += 1  # one step off what the engine derives from any float32 weight scale
+    nodes[k] = Node(nodes[k].name, "conv2d", nodes[k].inputs, nodes[k].quant, nodes[k].attrs,
+                    {**nodes[k].arrays, "multiplier": multiplier})
+    with pytest.raises(QftsimError, match=r"no float32 weight scale gives its multiplier|would derive other"):
+        to_tflite(IntModel(int_model.profile, int_model.inputs, nodes, int_model.outputs))
+
+
+def test_report_export_per_profile_and_op(capsys):
+    _report(EXPORT_TALLY, "export", capsys)
