@@ -250,21 +250,21 @@ def _select(mask: np.ndarray, a, b):
 def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: int, op, element_shape,
                     peaks=None):
     """An add's output integers before its zero point: each of `terms` (the centred, left-shifted inputs)
-    rescaled by its (multiplier, shift), the sum requantized by (out_multiplier, out_shift), all rounded by
-    op.rounding; where op.element_block is set, the elements past the last whole block of that many (in
+    rescaled by its (multiplier, shift) rounded by op.input_rounding (if set), the sum requantized by
+    (out_multiplier, out_shift) rounded by op.rounding; where op.element_block is set, the elements past the last whole block of that many (in
     TFLite's NHWC order of one sample of `element_shape`, (C, H, W) or (F,)) by op.tail_rounding, as a
     vector kernel with a scalar remainder loop does. `peaks`: bounds on each term's |value| where the caller
     knows them (each requantization then skips its pass for the peak)."""
-    def rounded(rounding):
+    def rounded(input_rounding, rounding):
         total, bound = None, None if peaks is None else 0.0
         for i, (v, m, t) in enumerate(zip(terms, multipliers, shifts)):
-            term = requantize(v, m, t, rounding, None if peaks is None else peaks[i])
+            term = requantize(v, m, t, input_rounding, None if peaks is None else peaks[i])
             total = term if total is None else total + term
             if peaks is not None:  # a rounding moves a value by at most 1
                 bound += peaks[i] * m * 2.0**-t + 1
         return requantize(total, out_multiplier, out_shift, rounding, bound)
 
-    y = rounded(op.rounding)
+    y = rounded(op.input_rounding or op.rounding, op.rounding)
     size = int(np.prod(element_shape))
     start = size // op.element_block * op.element_block if op.element_block else size
     if start == size:
@@ -272,7 +272,7 @@ def add_requantized(terms, multipliers, shifts, out_multiplier: int, out_shift: 
     nhwc = np.arange(size).reshape(element_shape[1:] + element_shape[:1] if len(element_shape) == 3
                                    else element_shape)
     in_tail = (nhwc >= start).transpose(2, 0, 1) if len(element_shape) == 3 else nhwc >= start
-    return _select(in_tail[None], rounded(op.tail_rounding), y)
+    return _select(in_tail[None], rounded(op.tail_rounding, op.tail_rounding), y)
 
 
 def _requantize_int64(v, m, t, rounding: str):
@@ -564,6 +564,40 @@ def float_multipliers(real: np.ndarray, scheme: str):
     q, e = np.frexp(exact)
     m = np.ldexp(q, bits).astype(np.int64)
     return m, np.where(m == 0, 0, bits - e.astype(np.int64))
+
+
+def _float32(v):
+    """v rounded to float32, a stored scale (numpy, or torch keeping the gradient)."""
+    return v.float() if _is_torch(v) else np.asarray(v, dtype=np.float32)
+
+
+def _float64(v):
+    return v.double() if _is_torch(v) else np.asarray(v, dtype=np.float64)
+
+
+def engine_real(s_in, s_w, s_out, scheme: str, divisor: int = 1):
+    """s_in * s_w / (s_out * divisor) as engines derive a multiplier from the float32 scales a model file stores:
+    XNNPACK (scheme float32) in float32, in this order; TFLite (any other scheme) in float64 of the float32
+    scales. numpy or torch (whose gradient passes); the importer, QFT and the .tflite writer all use it."""
+    s_in, s_w, s_out = _float32(s_in), _float32(s_w), _float32(s_out)
+    if scheme == "float32":
+        return (s_in * s_w) / (s_out * (float(divisor) if _is_torch(s_out) else np.float32(divisor)))
+    return _float64(s_in) * _float64(s_w) / (_float64(s_out) * divisor)
+
+
+def tflite_add_reals(s_a, s_b, s_out, left_shift: int):
+    """TFLite's ADD rescales (in float64 of the float32 scales): each input to twice the larger input scale,
+    then that sum, after the inputs' left shift, to the output scale. numpy or torch."""
+    s_a, s_b, s_out = (_float64(_float32(v)) for v in (s_a, s_b, s_out))
+    twice_max = 2 * (torch.maximum(s_a, s_b) if _is_torch(s_a) else np.maximum(s_a, s_b))
+    return s_a / twice_max, s_b / twice_max, twice_max / (2.0**left_shift * s_out)
+
+
+def tflite_mean_multiplier(m0: int, t0: int, count: int, shift_max: int) -> tuple[int, int]:
+    """TFLite's MEAN multiplier: QuantizeMultiplier(s_in / s_out) = (m0, t0), then m0 * 2^k / count in integers
+    (k = floor(log2(count)), at most 32, the shift t0 + k at most shift_max: TFLite's 62) and the shift k more."""
+    k = max(min(count.bit_length() - 1, 32, shift_max - t0), 0)
+    return (m0 << k) // count, t0 + k
 
 
 def op_multipliers(real: np.ndarray, scheme: str, multiplier_bits: int, shift_range: tuple[int, int] | None):

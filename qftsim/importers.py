@@ -57,11 +57,7 @@ def engine_multipliers(profile: HardwareProfile, op_kind: str, s_in: float, s_w:
     engine computes them (the exporter solves the same function for the weight scales)."""
     arithmetic = profile.arithmetic(op_kind)
     rq = profile.requant
-    s_in32, s_out32 = np.float32(s_in), np.float32(s_out)
-    if arithmetic.scheme == "float32":  # XNNPACK: input_scale * kernel_scale / output_scale in float32
-        real = (s_in32 * s_w.astype(np.float32)) / (s_out32 * np.float32(divisor))
-    else:  # TFLite: double(input_scale) * double(filter_scale) / double(output_scale)
-        real = np.float64(s_in32) * s_w.astype(np.float64) / (np.float64(s_out32) * divisor)
+    real = arith.engine_real(s_in, s_w, s_out, arithmetic.scheme, divisor)
     m, t = arith.op_multipliers(np.asarray(real, dtype=np.float64), arithmetic.scheme, rq.multiplier_bits,
                                 rq.shift_range)
     stored = stored_requant(m, t, arithmetic.scheme)
@@ -383,10 +379,8 @@ class _TfliteImporter:
                      "left_shift": 0}
         else:  # TFLite: both inputs to twice the larger scale after a left shift, then the sum (in double)
             left = self.profile.ops.add_left_shift
-            twice_max = 2.0 * max(np.float64(np.float32(qa.scale)), np.float64(np.float32(qb.scale)))
-            reals = [np.float64(np.float32(q.scale)) / twice_max for q in (qa, qb)]
-            reals.append(twice_max / (2.0**left * np.float64(np.float32(qo.scale))))
-            pairs = [arith.quantize_multiplier(r, rq.multiplier_bits, rq.shift_range) for r in reals]
+            reals = arith.tflite_add_reals(qa.scale, qb.scale, qo.scale, left)
+            pairs = [arith.quantize_multiplier(float(r), rq.multiplier_bits, rq.shift_range) for r in reals]
             attrs = {"input_multipliers": [pairs[0][0], pairs[1][0]], "input_shifts": [pairs[0][1], pairs[1][1]],
                      "multiplier": pairs[2][0], "shift": pairs[2][1], "left_shift": left}
         attrs["clamp"] = self._clamp(op.builtinOptions.fusedActivationFunction, out)
@@ -427,12 +421,11 @@ class _TfliteImporter:
         _, h, w, c = self._shape(x)
         count = h * w
         if self.profile.arithmetic("mean").scheme == "fixed_point":
-            # TFLite: QuantizeMultiplier(s_in / s_out), then the multiplier times 2^k / count in integers
-            # (k = floor(log2(count)), at most 32 and at most 31 + the exponent), the shift k more
             m0, t0 = self._multipliers("mean", self._quant(x).scale, np.ones(1, dtype=np.float32),
                                        self._quant(out).scale)
-            k = min(count.bit_length() - 1, 32, 31 + (31 - int(t0[0])))
-            m, t = (np.array([(int(m0[0]) << k) // count], dtype=np.int32), t0 + k)
+            m_int, t_int = arith.tflite_mean_multiplier(int(m0[0]), int(t0[0]), count,
+                                                        self.profile.requant.shift_range[1])
+            m, t = np.array([m_int], dtype=np.int32), np.array([t_int], dtype=t0.dtype)
         else:  # XNNPACK: s_in / (s_out * count) in float32
             m, t = self._multipliers("mean", self._quant(x).scale, np.ones(1, dtype=np.float32),
                                      self._quant(out).scale, divisor=count)

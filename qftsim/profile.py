@@ -118,12 +118,15 @@ _OP_ARITHMETIC_FIELDS = {
     # The same over the elements of an add, counted in TFLite's NHWC order (its optimized ADD: 8 at a time).
     "element_block": _Field(int, lo=1, hi=64),
     "tail_rounding": _Field(str, choices=ROUNDING_MODES),
+    # add: the rounding of the two input rescales where it differs from the output's (`rounding`); TFLite's
+    # optimized ADD rounds them once, half up, and its output step twice, as ruy.
+    "input_rounding": _Field(str, choices=ROUNDING_MODES),
 }
 _OP_ARITHMETIC_KEYS = {
     "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
     "transpose_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
     "linear": ("scheme", "rounding"), "mean": ("scheme", "rounding"), "mul": ("scheme", "rounding"),
-    "concat": ("rounding",), "add": ("rounding", "form", "element_block", "tail_rounding"),
+    "concat": ("rounding",), "add": ("rounding", "input_rounding", "form", "element_block", "tail_rounding"),
     "avgpool2d": ("rounding", "domain"), "resize": ("form",),
 }
 _OP_FORMS = {"add": ("tflite", "single_multiplier"), "resize": ("tflite", "q11")}
@@ -212,6 +215,7 @@ class OpArithmetic:
     channel_block: int = 0  # 0: every channel rounds by `rounding`
     element_block: int = 0  # 0: every element rounds by `rounding`
     tail_rounding: str | None = None
+    input_rounding: str | None = None  # add's input rescales; None: `rounding`
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,7 @@ class HardwareProfile:
                             rounding=stated.get("rounding", self.requant.rounding),
                             form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"),
                             channel_block=stated.get("channel_block", 0), element_block=stated.get("element_block", 0),
-                            tail_rounding=stated.get("tail_rounding"))
+                            tail_rounding=stated.get("tail_rounding"), input_rounding=stated.get("input_rounding"))
 
     def arithmetic(self, op: str) -> OpArithmetic:
         """The resolved arithmetic of one op kind (see ARITHMETIC_OPS)."""

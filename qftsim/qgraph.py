@@ -297,10 +297,11 @@ class QGraph(nn.Module):
         return int(lo), int(max(lo, hi))
 
     def requant_factor(self, n: FNode) -> torch.Tensor:
-        """Real multiplier from the accumulator to the output integers, per output channel."""
-        factor = self.act_scale(n.inputs[0]) * self.weight_scale(n) / self.act_scale(n.name)
+        """Real multiplier from the accumulator to the output integers, per output channel, derived from the
+        float32 scales as the engine derives it from a model file's (so a .tflite can state it exactly)."""
         e = self.output_equalization(n)
-        return factor if e is None else factor / e
+        s_w = self.weight_scale(n) if e is None else self.weight_scale(n) / e  # the weight scale a file stores
+        return arith.engine_real(self.act_scale(n.inputs[0]), s_w, self.act_scale(n.name), self.arithmetic(n).scheme)
 
     # ------------------------------------------------------------ forward
 
@@ -397,9 +398,8 @@ class QGraph(nn.Module):
                 rescales.append((f + (torch.as_tensor(m, dtype=f.dtype) - f).detach(), m, np.zeros(1, np.int64)))
             one = torch.ones(1, dtype=s_a.dtype) * 2.0**-shift
             return [*rescales, (one, np.ones(1, np.int64), np.full(1, shift, np.int64))]
-        twice_max = 2 * torch.maximum(s_a, s_b)
-        out = twice_max / (2.0**self.profile.ops.add_left_shift * self.act_scale(n.name))
-        return [self.multipliers(v.reshape(1)) for v in (s_a / twice_max, s_b / twice_max, out)]
+        reals = arith.tflite_add_reals(s_a, s_b, self.act_scale(n.name), self.profile.ops.add_left_shift)
+        return [self.multipliers(v.reshape(1)) for v in reals]
 
     def cat_multipliers(self, n: FNode):
         return [self.multipliers((self.act_scale(i) / self.act_scale(n.name)).reshape(1)) for i in n.inputs]
@@ -421,7 +421,8 @@ class QGraph(nn.Module):
     def mul_multipliers(self, n: FNode):
         """(factor, m, t) of the product of the centred inputs to the output: s_a * s_b / s_out."""
         s_a, s_b = (self.act_scale(i) for i in n.inputs)
-        return self.multipliers((s_a * s_b / self.act_scale(n.name)).reshape(1), self.arithmetic(n).scheme)
+        scheme = self.arithmetic(n).scheme
+        return self.multipliers(arith.engine_real(s_a, s_b, self.act_scale(n.name), scheme).reshape(1), scheme)
 
     def _mul(self, n: FNode, xs):
         a, b = (x - self.zero_points[self.quant_source[name]] for x, name in zip(xs, n.inputs))
@@ -483,8 +484,15 @@ class QGraph(nn.Module):
         """(factor, m, t) of the sum of the centred inputs to the output: s_in / (s_out * count)."""
         shape = self.fg.node(n.inputs[0]).shape
         count = math.prod(shape[a - 1] for a in n.attrs["axes"])
-        real = self.act_scale(n.inputs[0]) / (self.act_scale(n.name) * count)
-        return self.multipliers(real.reshape(1), self.arithmetic(n).scheme)
+        scheme = self.arithmetic(n).scheme
+        s_in, s_out, one = self.act_scale(n.inputs[0]), self.act_scale(n.name), torch.ones(())
+        if scheme != "fixed_point":
+            return self.multipliers(arith.engine_real(s_in, one, s_out, scheme, count).reshape(1), scheme)
+        # TFLite's derivation: s_in / s_out's multiplier divided by the count in integers
+        factor, m0, t0 = self.multipliers(arith.engine_real(s_in, one, s_out, scheme).reshape(1), scheme)
+        m, t = arith.tflite_mean_multiplier(int(m0[0]), int(t0[0]), count, self.profile.requant.shift_range[1])
+        hw = torch.full_like(factor, m * 2.0**-t)
+        return factor / count + (hw - factor / count).detach(), np.array([m]), np.array([t])
 
     def _mean(self, n: FNode, xs):
         total = (xs[0] - self.zero_points[self.quant_source[n.inputs[0]]]).sum(n.attrs["axes"],

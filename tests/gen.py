@@ -51,7 +51,8 @@ def profiles(draw) -> HardwareProfile:
                                               "tail_rounding": draw(st.sampled_from(ROUNDING_MODES))}
         if draw(st.booleans()):
             arithmetic["add"] = {"rounding": draw(st.sampled_from(ROUNDING_MODES)), "element_block": 4,
-                                 "tail_rounding": draw(st.sampled_from(ROUNDING_MODES))}
+                                 "tail_rounding": draw(st.sampled_from(ROUNDING_MODES)),
+                                 "input_rounding": draw(st.sampled_from(ROUNDING_MODES))}
         if draw(st.booleans()):
             arithmetic["resize"] = {"form": draw(st.sampled_from(["tflite", "q11"]))}
         if draw(st.booleans()):

@@ -204,9 +204,10 @@ def run_model(model, x):
                 # the element's place in one sample laid out NHWC (TFLite's order): past the blocks, the tail
                 nhwc = (idx[2] * shape[2] + idx[3]) * shape[0] + idx[1] if len(shape) == 3 else idx[1]
                 r_mode = op_arith.tail_rounding if nhwc >= blocks_end else rounding
+                in_mode = r_mode if nhwc >= blocks_end else op_arith.input_rounding or rounding
                 total = 0
                 for xv, q, m, t in zip(ins, qin, a["input_multipliers"], a["input_shifts"]):
-                    total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, r_mode)
+                    total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, in_mode)
                 r = requantize(total, a["multiplier"], a["shift"], r_mode) + qo.zero_point
                 out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "mul":
