@@ -194,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="QFT's seed (the order of its batches)")
     ap.add_argument("--compile-target", default="x86-64", choices=["host", "x86-64", "none"],
                     help="the TVM target of QFT's compiled check (none: skip compiling)")
+    ap.add_argument("--save", type=Path, metavar="DIR", help="write each model as DIR/PROFILE-METHOD.qft")
     ap.add_argument("--quick", action="store_true", help="128 calibration images, 512 crops")
     ap.add_argument("--smoke", action="store_true",
                     help="4 calibration images, 8 crops, int8-default, init rtn, the compiled check (the test)")
@@ -244,6 +245,9 @@ def main(argv=None):
                                         teacher_outputs=teacher_calib, **knobs)
             model = qg.integerize()
             seconds = time.perf_counter() - clock
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                model.save(args.save / f"{profile}-{method}.qft")
             ints = integer_outputs(model, evaluation, simulator)
             check = ""
             if method == "qft":

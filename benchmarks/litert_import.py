@@ -72,13 +72,33 @@ def run_litert(model: bytes, resolver: str, x_nchw_int8: np.ndarray, channels_fi
     return np.stack(logits)
 
 
+def add_image_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "imagenet-samples"),
+                    help="a folder with labels.tsv (default ../shared/imagenet-samples)")
+    ap.add_argument("--limit", type=int, help="only the first N images")
+
+
+def compare(model, model_bytes: bytes, resolver: str, x: np.ndarray, channels_first: bool, labels) -> str:
+    """One line: the logits of LiteRT and of the simulator on x, how many differ, both top-1, both times."""
+    t0 = time.time()
+    theirs = run_litert(model_bytes, resolver, x, channels_first)
+    t_engine = time.time() - t0
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        ours = np.concatenate([simulate(model, x[i:i + 25]).outputs[model.outputs[0]] for i in range(0, len(x), 25)])
+    t_sim = time.time() - t0
+    ours = ours.reshape(theirs.shape)
+    top1 = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
+    return (f"images {len(x)}  logits {theirs.size}, differ {int((ours != theirs).sum())}  top-1 LiteRT "
+            f"{top1(theirs):.4f} qftsim {top1(ours):.4f}  time LiteRT {t_engine:.0f} s, simulator {t_sim:.0f} s")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tflite", required=True, help="a fully-int8 classifier (benchmarks/efficientnet_tflite.py)")
-    ap.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "imagenet-samples"),
-                    help="a folder with labels.tsv (default ../shared/imagenet-samples)")
+    add_image_arguments(ap)
     ap.add_argument("--profiles", default="litert-xnnpack,litert-reference")
-    ap.add_argument("--limit", type=int, help="only the first N images")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model_bytes = Path(args.tflite).read_bytes()
@@ -88,23 +108,10 @@ def main(argv=None):
     print(f"{args.tflite}: {len(paths)} images from {args.images} loaded in {time.time() - t0:.0f} s")
     for profile in args.profiles.split(","):
         model = from_tflite(model_bytes, profile)
-        channels_first = model.inputs[0].shape[0] == 3 and len(model.inputs[0].shape) == 3
         x = model.inputs[0].quant.quantize(images)
-        t0 = time.time()
-        theirs = run_litert(model_bytes, RESOLVERS[profile], x, _input_is_nchw(model_bytes))
-        t_engine = time.time() - t0
-        t0 = time.time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AccumulatorOverflowWarning)
-            ours = np.concatenate([simulate(model, x[i:i + 25]).outputs[model.outputs[0]]
-                                   for i in range(0, len(x), 25)])
-        t_sim = time.time() - t0
-        differ = int((ours.reshape(theirs.shape) != theirs).sum())
-        top1 = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
-        print(f"{profile:18s} images {len(x)}  logits {theirs.size}, differ {differ}  top-1 LiteRT "
-              f"{top1(theirs):.4f} qftsim {top1(ours.reshape(theirs.shape)):.4f}  "
-              f"time LiteRT {t_engine:.0f} s, simulator {t_sim:.0f} s  (channels-first input: {channels_first})")
-
+        channels_first = _input_is_nchw(model_bytes)
+        print(f"{profile:18s} {compare(model, model_bytes, RESOLVERS[profile], x, channels_first, labels)}  "
+              f"(channels-first input: {channels_first})")
 
 def _input_is_nchw(model: bytes) -> bool:
     from ai_edge_litert.interpreter import Interpreter
