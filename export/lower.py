@@ -18,6 +18,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from qftsim import arith
+from qftsim.errors import QftsimError
 from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
 
 INT32_SAFE = 2**31 - 1
@@ -118,8 +119,21 @@ def lower(model: IntModel, vnni: bool = False) -> tvm.IRModule:
     return bb.get()
 
 
+def unlowered_arithmetic(profile) -> str | None:
+    """What of the profile's arithmetic has no TVM lowering yet (onnxruntime's float32 add and mul), or None."""
+    if profile.arithmetic("add").form == "float32_fma":
+        return "add form float32_fma (onnxruntime's QLinearAdd)"
+    if profile.arithmetic("mul").zero_point == "float32":
+        return "mul zero_point float32 (onnxruntime's QLinearMul)"
+    return None
+
+
 def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str, vnni: bool = False) -> None:
     """Add `model` to `bb` as the function `func_name` (one module may hold many models)."""
+    missing = unlowered_arithmetic(model.profile)
+    if missing and any(n.op in ("add", "mul") for n in model.nodes):
+        raise QftsimError(f"profile {model.profile.name}: {missing} has no TVM lowering yet; simulate the model, or "
+                          "run it in its own engine")
     batch = tirx.Var("batch", "int64")  # symbolic: one library serves every batch size
     params = [relax.Var(i.name, relax.TensorType((batch,) + tuple(i.shape), i.quant.dtype.name))
               for i in model.inputs]

@@ -566,6 +566,61 @@ def float_multipliers(real: np.ndarray, scheme: str):
     return m, np.where(m == 0, 0, bits - e.astype(np.int64))
 
 
+def fma_float32(x, y, z) -> np.ndarray:
+    """x * y + z rounded once to float32 (ties to even), as a fused multiply-add computes it: x integers of at
+    most 2^29, y and z float32 values (numpy, broadcasting). The float64 sum is exact unless the two terms are
+    more than 53 bits apart; TwoSum gives its exact error, which only matters where the float64 sum lies on a
+    float32 midpoint, where it says which way the exact value rounds."""
+    product = np.asarray(x, dtype=np.float64) * np.asarray(y, dtype=np.float32).astype(np.float64)  # exact
+    z = np.asarray(z, dtype=np.float32).astype(np.float64)
+    total = product + z
+    back = total - z
+    error = (product - back) + (z - (total - back))
+    rounded = total.astype(np.float32)
+    lower = np.where(rounded.astype(np.float64) > total, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+    upper = np.nextafter(lower, np.float32(np.inf))
+    midpoint = (lower.astype(np.float64) + upper.astype(np.float64)) / 2 == total
+    return np.where(midpoint & (error > 0), upper, np.where(midpoint & (error < 0), lower, rounded))
+
+
+def float32_factors(multipliers, shifts) -> list[np.float32]:
+    """The float32 values m * 2^-t of stored (m, t) pairs (float_multipliers' inverse, exact)."""
+    return [np.float32(np.ldexp(float(m), -int(t))) for m, t in zip(multipliers, shifts)]
+
+
+def ort_add_constant(ratio_a: np.float32, ratio_b: np.float32, zero_a: int, zero_b: int, zero_out: int):
+    """onnxruntime's QLinearAdd constant z_out - (r_a z_a + r_b z_b) in float32, each step rounded."""
+    f32 = np.float32
+    return f32(f32(zero_out) - f32(f32(ratio_a * f32(zero_a)) + f32(ratio_b * f32(zero_b))))
+
+
+def add_float32_fma(a, b, ratio_a, ratio_b, zero_a: int, zero_b: int, zero_out: int):
+    """onnxruntime's QLinearAdd before its saturation: the raw integer inputs a and b (numpy or torch),
+    rne(fma(a, r_a, fma(b, r_b, constant))) in float32, r = s_in / s_out in float32 (MLAS's AVX2 kernel)."""
+    ratio_a, ratio_b = np.float32(ratio_a), np.float32(ratio_b)
+    constant = ort_add_constant(ratio_a, ratio_b, zero_a, zero_b, zero_out)
+    values = [v.detach().cpu().numpy() if _is_torch(v) else np.asarray(v) for v in (a, b)]
+    y = float32_to_int32(fma_float32(values[0], ratio_a, fma_float32(values[1], ratio_b, constant)))
+    return torch.from_numpy(y) if _is_torch(a) else y
+
+
+def mul_float32_zero_point(product, factor: np.float32, zero_out: int):
+    """onnxruntime's QLinearMul before its saturation: rne(float32(product) * r + float32(z_out)), each step in
+    float32 (r = s_a s_b / s_c in float32), the centred product exact in float32 (below 2^24); a value past
+    int32 converts as x86 converts it (`float32_to_int32`)."""
+    p = product.detach().cpu().numpy() if _is_torch(product) else np.asarray(product)
+    w = (p.astype(np.float32) * np.float32(factor)).astype(np.float32) + np.float32(zero_out)
+    y = float32_to_int32(w.astype(np.float32))
+    return torch.from_numpy(y) if _is_torch(product) else y
+
+
+def float32_to_int32(w: np.ndarray) -> np.ndarray:
+    """x86's cvtps2dq under the default rounding mode: to nearest even, and -2^31 ("integer indefinite") for
+    anything outside int32, which the saturating packs after it then clamp to the low end (as float64)."""
+    inside = (w >= -(2.0**31)) & (w < 2.0**31)
+    return np.where(inside, np.rint(w), -(2.0**31)).astype(np.float64)
+
+
 def _float32(v):
     """v rounded to float32, a stored scale (numpy, or torch keeping the gradient)."""
     return v.float() if _is_torch(v) else np.asarray(v, dtype=np.float32)

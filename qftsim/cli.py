@@ -135,17 +135,22 @@ def _import(args) -> int:
     import collections
 
     from qftsim.importers import from_tflite
+    from qftsim.onnx_import import from_onnx
 
-    if not args.model.endswith(".tflite"):
-        raise QftsimError(f"{args.model}: qftsim imports .tflite files (fully-int8 TFLite models)")
-    model = from_tflite(args.model, args.profile)
+    kind = Path(args.model).suffix.lower()
+    if kind not in (".tflite", ".onnx"):
+        raise QftsimError(f"{args.model}: qftsim imports .tflite (fully-int8 TFLite) and .onnx (int8 QOperator or "
+                          "QDQ) files")
+    profile = args.profile or ("litert-xnnpack" if kind == ".tflite" else "onnxruntime-cpu")
+    model = (from_tflite if kind == ".tflite" else from_onnx)(args.model, profile)
     model.save(args.output)
     ops = collections.Counter(n.op for n in model.nodes)
     spec = model.inputs[0]
     print(f"imported {args.model} for {model.profile.name}: {len(model.nodes)} ops "
           f"({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))}) -> {args.output}")
-    print(f"input {spec.name!r}: (batch, {', '.join(map(str, spec.shape))}) int8, channels first "
-          f"(TFLite's NHWC transposed), scale {spec.quant.scale:.6g}, zero point {spec.quant.zero_point}")
+    layout = "(TFLite's NHWC transposed)" if kind == ".tflite" else "(as in the ONNX model)"
+    print(f"input {spec.name!r}: (batch, {', '.join(map(str, spec.shape))}) {spec.quant.dtype}, channels first "
+          f"{layout}, scale {spec.quant.scale:.6g}, zero point {spec.quant.zero_point}")
     return EXIT_OK
 
 
@@ -477,11 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the file to write: OUT.so (its sidecar inside it, a copy in OUT.so.json) or OUT.tflite")
     export.set_defaults(func=_export)
 
-    imp = sub.add_parser("import", help="turn a fully-int8 .tflite model into a .qft IntModel for a profile")
-    imp.add_argument("model", help="a .tflite file (int8 weights and activations, as ai-edge-quantizer writes)")
-    imp.add_argument("--profile", default="litert-xnnpack", metavar="NAME|FILE",
-                     help="whose arithmetic to simulate: litert-xnnpack (LiteRT's default CPU interpreter; the "
-                          "default), litert-optimized, litert-reference, or a .yaml of your own target")
+    imp = sub.add_parser("import", help="turn an int8 .tflite or .onnx model into a .qft IntModel for a profile")
+    imp.add_argument("model", help="a .tflite file (int8 weights and activations, as ai-edge-quantizer writes) or "
+                                   "an .onnx one (int8 QOperator or QDQ, as onnxruntime's quantize_static writes)")
+    imp.add_argument("--profile", metavar="NAME|FILE",
+                     help="whose arithmetic to simulate: for .tflite litert-xnnpack (LiteRT's default CPU "
+                          "interpreter; the default), litert-optimized or litert-reference; for .onnx "
+                          "onnxruntime-cpu (the default); or a .yaml of your own target")
     imp.add_argument("-o", "--output", required=True, metavar="OUT.qft", help="the IntModel to write")
     imp.set_defaults(func=_import)
 

@@ -51,6 +51,18 @@ def _read(path: Path) -> bytes:
         raise QftsimError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def unique_name(raw: str, taken: set[str], fallback: str) -> str:
+    """An IntModel tensor name from a file's tensor name (safe characters, at most 48, unique in `taken`,
+    which it joins)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", raw)[-48:].strip("._") or fallback
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 def engine_multipliers(profile: HardwareProfile, op_kind: str, s_in: float, s_w: np.ndarray, s_out: float,
                        divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The stored (m, t) arrays for s_in * s_w / (s_out * divisor), computed from float32 scales as the profile's
@@ -172,13 +184,7 @@ class _TfliteImporter:
         return QftsimError(f"{self.source}: tensor {index} ({self._tname(index)!r}) {message}")
 
     def _new_name(self, index: int) -> str:
-        base = re.sub(r"[^A-Za-z0-9_.-]", "_", self._tname(index))[-48:].strip("._") or f"t{index}"
-        name, k = base, 1
-        while name in self.names:
-            k += 1
-            name = f"{base}_{k}"
-        self.names.add(name)
-        return name
+        return unique_name(self._tname(index), self.names, f"t{index}")
 
     # ------------------------------------------------------------ graph
 

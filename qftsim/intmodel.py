@@ -593,27 +593,31 @@ def _check_linear(node, profile, in_shapes, in_quants):
     return (w.shape[0],)
 
 
-def _check_rescales(node, profile, count: int) -> bool:
-    """Validate per-input rescale multipliers; False where the op has none (shared scale)."""
+def _check_rescales(node, profile, count: int, scheme: str | None = None) -> bool:
+    """Validate per-input rescale multipliers (of `scheme`, the profile's by default); False where the op has
+    none (shared scale)."""
     ms, ts = node.attrs["input_multipliers"], node.attrs["input_shifts"]
     if ms is None and ts is None:
         return False
     if not (isinstance(ms, list) and isinstance(ts, list) and len(ms) == len(ts) == count
             and all(type(v) is int for v in ms + ts)):
         raise _err(node, f"input_multipliers and input_shifts must be lists of {count} integers")
-    _check_requant(node, profile, ms, ts, "input")
+    _check_requant(node, profile, ms, ts, "input", scheme)
     return True
 
 
 def _check_add(node, profile, in_shapes, in_quants):
     if in_shapes[0] != in_shapes[1]:
         raise _err(node, f"input shapes differ: {in_shapes[0]} and {in_shapes[1]}")
-    if not _check_rescales(node, profile, 2):
+    float_ratios = node_arithmetic(node, profile).form == "float32_fma"  # onnxruntime: float32 scale ratios
+    if not _check_rescales(node, profile, 2, "float32" if float_ratios else None):
         raise _err(node, "input_multipliers and input_shifts are required")
     for key in ("multiplier", "shift", "left_shift"):
         if type(node.attrs[key]) is not int:
             raise _err(node, f"attribute {key!r} must be an integer")
     _check_requant(node, profile, node.attrs["multiplier"], node.attrs["shift"], "output")
+    if float_ratios:  # nothing is summed in int32
+        return in_shapes[0]
     if node.attrs["left_shift"] != profile.ops.add_left_shift:
         raise _err(node, f"left_shift {node.attrs['left_shift']}, the profile's add_left_shift is "
                          f"{profile.ops.add_left_shift}")

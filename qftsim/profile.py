@@ -105,10 +105,12 @@ _OP_ARITHMETIC_FIELDS = {
     "scheme": _Field(str, choices=REQUANT_SCHEMES),
     "rounding": _Field(str, choices=ROUNDING_MODES),
     # add: `tflite` rescales both inputs after a left shift (ops.add_left_shift), then the sum;
-    # `single_multiplier` (XNNPACK) multiplies each centred input by an integer and rounds the sum once.
+    # `single_multiplier` (XNNPACK) multiplies each centred input by an integer and rounds the sum once;
+    # `float32_fma` (onnxruntime's QLinearAdd) takes the raw inputs times float32 scale ratios in two fused
+    # multiply-adds onto a float32 constant that holds the zero points, and rounds that once, ties to even.
     # resize (bilinear): `tflite`, TFLite's integer weights in 1/1024 and the sum rounded half away from zero;
     # `q11` (XNNPACK), float32 positions, weights rounded to 1/2048, the sum rounded half up.
-    "form": _Field(str, choices=("tflite", "single_multiplier", "q11")),
+    "form": _Field(str, choices=("tflite", "single_multiplier", "float32_fma", "q11")),
     # avgpool2d: round the window's mean of the centred values, or of the raw ones (zero point included,
     # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently.
     "domain": _Field(str, choices=("centred", "raw")),
@@ -121,15 +123,18 @@ _OP_ARITHMETIC_FIELDS = {
     # add: the rounding of the two input rescales where it differs from the output's (`rounding`); TFLite's
     # optimized ADD rounds them once, half up, and its output step twice, as ruy.
     "input_rounding": _Field(str, choices=ROUNDING_MODES),
+    # mul (scheme float32): `float32` adds the output zero point to the float32 product before rounding
+    # (onnxruntime's QLinearMul), `integer` after it.
+    "zero_point": _Field(str, choices=("integer", "float32")),
 }
 _OP_ARITHMETIC_KEYS = {
     "conv2d": ("scheme", "rounding"), "depthwise_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
     "transpose_conv2d": ("scheme", "rounding", "channel_block", "tail_rounding"),
-    "linear": ("scheme", "rounding"), "mean": ("scheme", "rounding"), "mul": ("scheme", "rounding"),
+    "linear": ("scheme", "rounding"), "mean": ("scheme", "rounding"), "mul": ("scheme", "rounding", "zero_point"),
     "concat": ("rounding",), "add": ("rounding", "input_rounding", "form", "element_block", "tail_rounding"),
     "avgpool2d": ("rounding", "domain"), "resize": ("form",),
 }
-_OP_FORMS = {"add": ("tflite", "single_multiplier"), "resize": ("tflite", "q11")}
+_OP_FORMS = {"add": ("tflite", "single_multiplier", "float32_fma"), "resize": ("tflite", "q11")}
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,7 @@ class OpArithmetic:
     element_block: int = 0  # 0: every element rounds by `rounding`
     tail_rounding: str | None = None
     input_rounding: str | None = None  # add's input rescales; None: `rounding`
+    zero_point: str = "integer"  # mul: the output zero point added after rounding, or in float32 before it
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,8 @@ class HardwareProfile:
                             rounding=stated.get("rounding", self.requant.rounding),
                             form=stated.get("form", "tflite"), domain=stated.get("domain", "centred"),
                             channel_block=stated.get("channel_block", 0), element_block=stated.get("element_block", 0),
-                            tail_rounding=stated.get("tail_rounding"), input_rounding=stated.get("input_rounding"))
+                            tail_rounding=stated.get("tail_rounding"), input_rounding=stated.get("input_rounding"),
+                            zero_point=stated.get("zero_point", "integer"))
 
     def arithmetic(self, op: str) -> OpArithmetic:
         """The resolved arithmetic of one op kind (see ARITHMETIC_OPS)."""
@@ -408,6 +415,11 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
         if fields.get("form") == "single_multiplier" and rounding in ("gemmlowp_double", "ruy"):
             raise _fail(source, f"arithmetic.{op}.rounding", "the single_multiplier add rounds its sum by one "
                         "shift: use half_up (XNNPACK), half_away, half_even or floor")
+        if fields.get("zero_point") == "float32" and scheme != "float32":
+            raise _fail(source, f"arithmetic.{op}.zero_point", "a zero point added in float32 needs scheme float32")
+        if fields.get("form") == "float32_fma" and rounding not in (None, "half_even"):
+            raise _fail(source, f"arithmetic.{op}.rounding", "the float32_fma add rounds as a CPU converts "
+                        "float32 to integers: half_even")
         out[op] = dict(fields)
     return out
 

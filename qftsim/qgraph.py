@@ -388,6 +388,10 @@ class QGraph(nn.Module):
         tflite: both inputs to twice the larger scale (after the left shift), then the sum to the output.
         single_multiplier (XNNPACK): each input by an integer of about 21 bits (shift 0), the sum by 2^-s."""
         s_a, s_b = (self.act_scale(i) for i in n.inputs)
+        if self.arithmetic(n).form == "float32_fma":  # onnxruntime: float32 ratios of the float32 scales
+            ratios = [self.multipliers(arith.engine_real(s, torch.ones_like(s), self.act_scale(n.name), "float32").reshape(1),
+                                       "float32") for s in (s_a, s_b)]
+            return [*ratios, (torch.ones(1, dtype=s_a.dtype), np.ones(1, np.int64), np.zeros(1, np.int64))]
         if self.arithmetic(n).form == "single_multiplier":
             ratios = [s / self.act_scale(n.name) for s in (s_a, s_b)]
             shift = 20 - math.floor(math.log2(float(torch.maximum(*ratios).detach())))
@@ -409,7 +413,16 @@ class QGraph(nn.Module):
         op = self.arithmetic(n)
         terms = [(x - self.zero_points[self.quant_source[name]]) * 2.0**self.profile.ops.add_left_shift
                  for x, name in zip(xs, n.inputs)]
-        if self.training:
+        if op.form == "float32_fma" and not self.training:  # the raw inputs, as onnxruntime's kernel takes them
+            zero_a, zero_b = (int(self.zero_points[self.quant_source[name]]) for name in n.inputs)
+            ratios = arith.float32_factors([int(mi[0]) for _, mi, _ in rescales], [int(ti[0]) for _, _, ti in rescales])
+            y = arith.add_float32_fma(xs[0].double(), xs[1].double(), *ratios, zero_a, zero_b,
+                                      int(self.zero_points[n.name]))
+            return torch.clamp(y.to(xs[0].dtype), *self.clamp_bounds(n.name, n.act))
+        if op.form == "float32_fma":  # training: the centred sum, rounded once (ties aside, the kernel's value)
+            total = sum(v * f.to(v.dtype) for v, (f, _, _) in zip(terms, rescales))
+            y = self._round(total, factor.to(total.dtype), m, t, op)
+        elif self.training:
             total = sum(self._round(v, f.to(v.dtype), mi, ti, op) for v, (f, mi, ti) in zip(terms, rescales))
             y = self._round(total, factor.to(total.dtype), m, t, op)
         else:
@@ -427,7 +440,12 @@ class QGraph(nn.Module):
     def _mul(self, n: FNode, xs):
         a, b = (x - self.zero_points[self.quant_source[name]] for x, name in zip(xs, n.inputs))
         factor, m, t = self.mul_multipliers(n)
-        y = self._round(a * b, factor.to(a.dtype), m, t, self.arithmetic(n)) + self.zero_points[n.name]
+        op = self.arithmetic(n)
+        if op.zero_point == "float32" and not self.training:  # onnxruntime's QLinearMul
+            (f32,) = arith.float32_factors(m, t)
+            y = arith.mul_float32_zero_point((a * b).double(), f32, int(self.zero_points[n.name])).to(a.dtype)
+        else:
+            y = self._round(a * b, factor.to(a.dtype), m, t, op) + self.zero_points[n.name]
         return torch.clamp(y, *self.clamp_bounds(n.name, n.act))
 
     def _cat(self, n: FNode, xs):

@@ -421,10 +421,15 @@ class _Simulator:
 
     def _add(self, node, xs, in_quants):
         a = node.attrs
+        op = node_arithmetic(node, self.profile)
+        if op.form == "float32_fma":
+            (qa, qb), ratios = in_quants, arith.float32_factors(a["input_multipliers"], a["input_shifts"])
+            y = arith.add_float32_fma(xs[0], xs[1], *ratios, qa.zero_point, qb.zero_point, node.quant.zero_point)
+            return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
         scale = 2.0 ** a["left_shift"]  # (x - zero point) * 2^left_shift is exact in float32: at most 2^31
         terms = [(x - q.zero_point).mul_(scale) for x, q in zip(xs, in_quants)]
         y = arith.add_requantized(terms, a["input_multipliers"], a["input_shifts"], a["multiplier"], a["shift"],
-                                  node_arithmetic(node, self.profile), self.model.shapes[node.name],
+                                  op, self.model.shapes[node.name],
                                   peaks=[max_abs_centered(q) * scale for q in in_quants])
         y = y + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
@@ -435,7 +440,10 @@ class _Simulator:
         product = (a.to(torch.float64) - qa.zero_point) * (b.to(torch.float64) - qb.zero_point)  # exact: < 2^31
         op = node_arithmetic(node, self.profile)
         m, t = (int(node.arrays[k][0]) for k in ("multiplier", "shift"))
-        y = arith.requantize(product, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
+        if op.zero_point == "float32":
+            y = arith.mul_float32_zero_point(product, arith.float32_factors([m], [t])[0], node.quant.zero_point)
+        else:
+            y = arith.requantize(product, m, t, op.rounding, scheme=op.scheme) + node.quant.zero_point
         return self._apply_clamp(node, y, LayerReport(node.name, node.op, y.numel()))
 
     def _concat(self, node, xs, in_quants):

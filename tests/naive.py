@@ -82,6 +82,27 @@ def to_float(v: Fraction, bits: int) -> Fraction:
     return round_fraction(v / step, "half_even") * step
 
 
+def cpu_float_to_int(v: Fraction) -> int:
+    """x86's float-to-int32 conversion: to nearest even, and -2^31 outside int32."""
+    r = round_fraction(v, "half_even")
+    return r if -(2**31) <= r < 2**31 else -(2**31)
+
+
+def ort_add(a: int, b: int, m, t, zero_a: int, zero_b: int, zero_out: int) -> int:
+    """onnxruntime's QLinearAdd from its definition: r = s_in / s_out (float32), the constant
+    z_out - (r_a z_a + r_b z_b) rounded to float32 at every step, then two fused multiply-adds, each rounded once."""
+    r_a, r_b = (Fraction(mi) / Fraction(2) ** ti for mi, ti in zip(m, t))
+    f32 = lambda v: to_float(v, 24)  # noqa: E731
+    constant = f32(zero_out - f32(f32(r_a * zero_a) + f32(r_b * zero_b)))
+    return cpu_float_to_int(f32(a * r_a + f32(b * r_b + constant)))
+
+
+def ort_mul(product: int, m: int, t: int, zero_out: int) -> int:
+    """onnxruntime's QLinearMul: float32(product * r), plus the zero point in float32, converted."""
+    f32 = lambda v: to_float(v, 24)  # noqa: E731
+    return cpu_float_to_int(f32(f32(product * (Fraction(m) / Fraction(2) ** t)) + zero_out))
+
+
 def divide(x: int, n: int, rounding: str) -> int:
     return round_fraction(Fraction(x, n), rounding)
 
@@ -205,6 +226,11 @@ def run_model(model, x):
                 nhwc = (idx[2] * shape[2] + idx[3]) * shape[0] + idx[1] if len(shape) == 3 else idx[1]
                 r_mode = op_arith.tail_rounding if nhwc >= blocks_end else rounding
                 in_mode = r_mode if nhwc >= blocks_end else op_arith.input_rounding or rounding
+                if op_arith.form == "float32_fma":
+                    r = ort_add(int(ins[0][idx]), int(ins[1][idx]), a["input_multipliers"], a["input_shifts"],
+                                qin[0].zero_point, qin[1].zero_point, qo.zero_point)
+                    out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
+                    continue
                 total = 0
                 for xv, q, m, t in zip(ins, qin, a["input_multipliers"], a["input_shifts"]):
                     total += requantize((int(xv[idx]) - q.zero_point) * 2 ** a["left_shift"], m, t, in_mode)
@@ -217,8 +243,12 @@ def run_model(model, x):
             for idx in np.ndindex(*shape):  # an axis of size 1 repeats its one value
                 va = int(av[tuple(i if s > 1 else 0 for i, s in zip(idx, av.shape))]) - qa.zero_point
                 vb = int(bv[tuple(i if s > 1 else 0 for i, s in zip(idx, bv.shape))]) - qb.zero_point
-                r = requantize(va * vb, int(arr["multiplier"][0]), int(arr["shift"][0]), rounding, scheme)
-                out[idx] = max(a["clamp"][0], min(a["clamp"][1], r + qo.zero_point))
+                if op_arith.zero_point == "float32":
+                    r = ort_mul(va * vb, int(arr["multiplier"][0]), int(arr["shift"][0]), qo.zero_point)
+                else:
+                    r = requantize(va * vb, int(arr["multiplier"][0]), int(arr["shift"][0]), rounding, scheme) \
+                        + qo.zero_point
+                out[idx] = max(a["clamp"][0], min(a["clamp"][1], r))
         elif node.op == "concat":
             parts = []
             for xv, q, i in zip(ins, qin, range(len(ins))):

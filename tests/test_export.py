@@ -44,7 +44,7 @@ def test_compiled_equals_simulator(data):
     import tvm
     from tvm import relax
 
-    models = [data.draw(gen.int_models()) for _ in range(MODELS_PER_MODULE)]
+    models = [data.draw(gen.int_models(compiled=True)) for _ in range(MODELS_PER_MODULE)]
     inputs = [data.draw(gen.model_inputs(m, max_batch=4)) for m in models]
     vnni = has_vnni("host")
     bb = relax.BlockBuilder()
