@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from litert_import import RESOLVERS, add_image_arguments, compare, labelled_images, load  # noqa: E402
-from export.tflite import litert_profile_of, to_tflite  # noqa: E402
+from litert_import import add_image_arguments, compare, labelled_images, load  # noqa: E402
+from export.tflite import RESOLVERS, litert_profile_of, to_tflite  # noqa: E402
 from qftsim import intmodel  # noqa: E402
 
 

@@ -28,12 +28,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from export.tflite import RESOLVERS  # noqa: E402
 from qftsim.importers import from_tflite  # noqa: E402
 from qftsim.loaders import load_calibration  # noqa: E402
 from qftsim.sim import AccumulatorOverflowWarning, simulate  # noqa: E402
 
-RESOLVERS = {"litert-reference": "BUILTIN_REF", "litert-optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
-             "litert-xnnpack": "AUTO"}
 
 
 def labelled_images(folder: Path, limit: int | None):

@@ -12,54 +12,24 @@ compute differently is refused in one line, never written.
 
 from __future__ import annotations
 
-import dataclasses
-
 import flatbuffers
 import numpy as np
 
 from qftsim.errors import QftsimError
-from qftsim.importers import TABLE_OPS, _schema, _TfliteImporter, activation_bounds, engine_multipliers
+from export.engines import engine_weight_scales, node_differences, shipped_profile_of
+from qftsim.importers import TABLE_OPS, _schema, _TfliteImporter, activation_bounds
 from qftsim.intmodel import IntModel, Node, TensorQuant
-from qftsim.profile import ARITHMETIC_OPS, list_profiles, load_profile
 
 ACTIVATIONS = ("none", "relu", "relu6", "relu_n1_to_1")
-WEIGHT_SCALE_SEARCH = 64  # float32 steps tried on each side of the weight scale a multiplier implies
-
-
-def _leaves(d: dict, prefix: str = "") -> dict:
-    """A profile's plain-data form flattened to {"section.key": value} (name and description left out)."""
-    out = {}
-    for key, value in d.items():
-        if key in ("name", "description"):
-            continue
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _resolved_leaves(profile) -> dict:
-    """Every field of a profile, each op's arithmetic resolved (what it states or the global default)."""
-    data = {k: v for k, v in profile.to_dict().items() if k != "arithmetic"}
-    data["arithmetic"] = {op: dataclasses.asdict(profile.arithmetic(op)) for op in ARITHMETIC_OPS}
-    return _leaves(data)
+# the LiteRT interpreter's op resolver (ai_edge_litert.interpreter.OpResolverType) of each litert profile
+RESOLVERS = {"litert-reference": "BUILTIN_REF", "litert-optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
+             "litert-xnnpack": "AUTO"}
 
 
 def litert_profile_of(profile) -> str:
     """The shipped litert profile whose arithmetic `profile` is, or a one-line refusal naming the first field
     that keeps LiteRT's kernels from running it (measured against the closest litert profile)."""
-    mine = _resolved_leaves(profile)
-    differences = []
-    for name in (p for p in list_profiles() if p.startswith("litert-")):
-        theirs = _resolved_leaves(load_profile(name))
-        fields = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-        if not fields:
-            return name
-        differences.append((len(fields), name, fields[0], theirs.get(fields[0])))
-    _, name, field, theirs = min(differences)
-    raise QftsimError(f"profile {profile.name}: LiteRT cannot run it: {field} is {mine.get(field)!r}, LiteRT's "
-                      f"kernels ({name}, the closest profile) have {theirs!r}")
+    return shipped_profile_of(profile, "litert-", "LiteRT")
 
 
 def to_tflite(model: IntModel) -> bytes:
@@ -69,6 +39,25 @@ def to_tflite(model: IntModel) -> bytes:
     data = writer.build()
     writer.check_round_trip(data)
     return data
+
+
+def run_tflite(data: bytes, profile: str, x: np.ndarray) -> np.ndarray:
+    """The first output's integers of a written .tflite, run by LiteRT with the profile's kernels on the
+    IntModel's (batch, C, H, W) input integers (one sample at a time, as the file's batch is one); a 4-D
+    output comes back channels first."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=data, num_threads=1,
+                              experimental_op_resolver_type=getattr(OpResolverType, RESOLVERS[profile]))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    results = []
+    for sample in x:
+        interpreter.set_tensor(inp["index"], (sample.transpose(1, 2, 0) if sample.ndim == 3 else sample)[None])
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        results.append(y.transpose(2, 0, 1) if y.ndim == 3 else y)
+    return np.stack(results)
 
 
 class _Writer:
@@ -183,13 +172,9 @@ class _Writer:
             theirs = imported[importer.tensor_of[self.index[node.name]]]
             if theirs.op == "reshape" and node.op == "mean":  # TFLite's keep_dims MEAN comes back with a reshape
                 theirs = imported[theirs.inputs[0]]
-            changed = [k for k, v in node.attrs.items() if theirs.attrs.get(k) != v and k != "shape" and not (
-                k == "count_include_pad" and node.attrs["padding"] == [0, 0, 0, 0])]
-            if back.shapes[theirs.name] != self.model.shapes[node.name]:
-                changed.append("shape")
-            changed += [k for k, v in node.arrays.items() if not np.array_equal(theirs.arrays.get(k), v)]
-            if theirs.op != node.op or theirs.quant != node.quant or changed:
-                raise self._fail(node, f"LiteRT would derive other {', '.join(changed) or 'quantization'} from "
+            changed = node_differences(node, self.model.shapes[node.name], theirs, back.shapes[theirs.name])
+            if changed:
+                raise self._fail(node, f"LiteRT would derive other {', '.join(changed)} from "
                                  "the scales TFLite stores (the model was not made for this engine's arithmetic)")
 
     # ------------------------------------------------------------ ops
@@ -204,27 +189,8 @@ class _Writer:
             pads.append((total // 2, total - total // 2))
         return "SAME" if node.attrs["padding"] == [pads[0][0], pads[1][0], pads[0][1], pads[1][1]] else None
 
-    def _weight_scales(self, node: Node, kind: str, s_in: float) -> np.ndarray:
-        """Per-channel float32 weight scales from which the engine derives the node's own multipliers."""
-        m, t = node.arrays["multiplier"], node.arrays["shift"]
-        channels = node.arrays["weight"].shape[0]
-        m, t = np.broadcast_to(m, (channels,)), np.broadcast_to(t, (channels,))
-        real = m.astype(np.float64) * np.ldexp(1.0, -t.astype(np.int64))
-        estimate = (real * np.float64(np.float32(node.quant.scale)) / np.float64(np.float32(s_in))).astype(np.float32)
-        found = np.zeros(channels, dtype=np.float32)
-        missing = np.ones(channels, dtype=bool)
-        for step in sorted(range(-WEIGHT_SCALE_SEARCH, WEIGHT_SCALE_SEARCH + 1), key=abs):
-            candidate = (estimate.view(np.int32) + np.int32(step)).view(np.float32)
-            got_m, got_t = engine_multipliers(self.profile, kind, s_in, candidate, node.quant.scale)
-            hit = missing & (got_m == m) & (got_t == t)
-            found[hit], missing[hit] = candidate[hit], False
-            if not missing.any():
-                return found
-        raise self._fail(node, f"no float32 weight scale gives its multiplier {int(m[missing][0])} * 2^-"
-                         f"{int(t[missing][0])} under the engine's derivation (channel {int(np.argmax(missing))})")
-
     def _weights_and_bias(self, node, kind: str, weight_tflite: np.ndarray, axis: int, s_in: float):
-        scales = self._weight_scales(node, kind, s_in)
+        scales = engine_weight_scales(self.profile, node, kind, s_in)
         w = self._tensor(weight_tflite.shape, self.fb.TensorType.INT8, f"{node.name}/weight",
                          weight_tflite.astype(np.int8), scales, 0, axis)
         b = self._tensor(node.arrays["bias"].shape, self.fb.TensorType.INT32, f"{node.name}/bias",

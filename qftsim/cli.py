@@ -126,6 +126,14 @@ def _export(args) -> int:
         print(f"wrote {args.output}: fully-int8 TFLite that LiteRT ({litert_profile_of(model.profile)}'s kernels) "
               "runs to the simulator's integers (checked by importing it back)")
         return EXIT_OK
+    if args.format == "onnx":
+        from export.onnx import onnxruntime_profile_of, to_onnx
+
+        intmodel.atomic_write_bytes(Path(args.output), to_onnx(model))
+        print(f"wrote {args.output}: int8 QOperator ONNX that onnxruntime "
+              f"({onnxruntime_profile_of(model.profile)}'s kernels) runs to the simulator's integers (checked by "
+              "importing it back)")
+        return EXIT_OK
     sidecar = export_library(model, args.output, args.target)
     print(f"compiled {args.model} for {sidecar['target_string']}: {args.output} (+ {Path(args.output).name}.json)")
     return EXIT_OK
@@ -205,12 +213,12 @@ def _demo(args) -> int:
     from qftsim.demo import format_summary, run_demo
 
     summary = run_demo(args.profile, args.out, epochs=args.epochs, progress=not args.quiet, target=args.target,
-                       network=args.network)
+                       network=args.network, fmt=args.format)
     print(format_summary(summary))
-    print(f"artifacts: {args.out}/ (model.qft, model.so + model.so.json, inputs.npy, report/summary.md, "
-          "summary.json)")
-    equal = summary["simulator_accuracy"] == summary["compiled_accuracy"] == summary["qft_accuracy"]
-    return EXIT_OK if equal and summary["compiled_equals_simulator"] else EXIT_CHECK_FAILED
+    exported = {"tvm": "model.so + model.so.json", "tflite": "model.tflite", "onnx": "model.onnx"}[args.format]
+    print(f"artifacts: {args.out}/ (model.qft, {exported}, inputs.npy, report/summary.md, summary.json)")
+    equal = summary["simulator_accuracy"] == summary["engine_accuracy"] == summary["qft_accuracy"]
+    return EXIT_OK if equal and summary["engine_equals_simulator"] else EXIT_CHECK_FAILED
 
 
 def _count(text: str) -> int:
@@ -403,15 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=_simulate)
 
     demo = sub.add_parser("demo", help="the whole path on the bundled MNIST subset: train/load, rtn and QFT, "
-                                        "simulate, compile, verify, report")
+                                        "simulate, export, verify in the engine, report")
     demo.add_argument("--profile", default="int8-default", metavar="NAME|FILE",
                       help="a shipped profile name or a .yaml file")
     demo.add_argument("--network", default="mobilenetv2", metavar="NAME",
                       help="the zoo reference network to train (once; cached) and quantize; a wrong name lists them")
     demo.add_argument("--out", default="qftsim-demo", metavar="DIR", help="artifact folder")
     demo.add_argument("--epochs", type=_count, default=4, metavar="N", help="QFT epochs")
+    demo.add_argument("--format", default="tvm", choices=["tvm", "tflite", "onnx"],
+                      help="end in a TVM library, or in a .tflite (litert profiles) or .onnx (onnxruntime-cpu) that "
+                           "its own engine runs and the demo compares with the simulator")
     demo.add_argument("--target", default="host", choices=["host", "x86-64"],
-                      help="compile for this CPU (host) or portable x86-64")
+                      help="compile for this CPU (host) or portable x86-64 (--format tvm)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
@@ -474,12 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="compile a .qft model with TVM into a shared library + sidecar, or "
                                             "write it as a fully-int8 .tflite for LiteRT")
     export.add_argument("model", help="a .qft IntModel file")
-    export.add_argument("--format", default="tvm", choices=["tvm", "tflite"],
-                        help="tvm: a compiled library; tflite: a .tflite for a model on a litert profile")
+    export.add_argument("--format", default="tvm", choices=["tvm", "tflite", "onnx"],
+                        help="tvm: a compiled library; tflite: a .tflite for a model on a litert profile; onnx: an "
+                             "int8 QOperator .onnx for a model on onnxruntime-cpu")
     export.add_argument("--target", default="host", choices=["host", "x86-64", "aarch64"],
                         help="this CPU (host, AVX-512 VNNI where it has it), portable x86-64, or aarch64 (cross)")
     export.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="the file to write: OUT.so (its sidecar inside it, a copy in OUT.so.json) or OUT.tflite")
+                        help="the file to write: OUT.so (its sidecar inside it, a copy in OUT.so.json), OUT.tflite "
+                             "or OUT.onnx")
     export.set_defaults(func=_export)
 
     imp = sub.add_parser("import", help="turn an int8 .tflite or .onnx model into a .qft IntModel for a profile")

@@ -1,4 +1,5 @@
-"""`qftsim demo`: the whole path on bundled data, from a float network to a verified compiled integer model."""
+"""`qftsim demo`: the whole path on bundled data, from a float network to a verified integer model: compiled by
+TVM, or written as .tflite or .onnx and run by its own engine (LiteRT, onnxruntime)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import load_mnist, reference_network
 
 
-def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo", epochs: int = 4,
-             progress: bool = True, target: str = "host", network: str = "mobilenetv2") -> dict:
-    """Train/load `network` (a zoo reference network), quantize (rtn and QFT), simulate, compile, verify; write
-    artifacts; return the summary."""
-    import export
+ENGINES = {"tvm": "compiled (TVM)", "tflite": "LiteRT", "onnx": "onnxruntime"}
 
+
+def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo", epochs: int = 4,
+             progress: bool = True, target: str = "host", network: str = "mobilenetv2", fmt: str = "tvm") -> dict:
+    """Train/load `network` (a zoo reference network), quantize (rtn and QFT), simulate, export (`fmt`: a TVM
+    library, a .tflite or an .onnx), run the export in its engine and compare; write artifacts; return the
+    summary."""
     profile = load_profile(profile_name)
+    engine = _engine_check(fmt, profile)  # before any training: a profile the engine cannot run stops here
     seconds = {}
 
     def stage(name):
@@ -65,22 +69,21 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
     np.save(out / "inputs.npy", x_int[:64], allow_pickle=False)
     done("simulate")
 
-    stage("compile")
-    export.export_library(int_model, out / "model.so", target)
-    compiled = export.load(out / "model.so")
-    done("compile")
+    stage("export")
+    run = _export(fmt, int_model, out, target)
+    done("export")
 
     stage("verify")
-    compiled_out = compiled.run(x_int)[int_model.outputs[0]]
-    compiled_acc = _accuracy(compiled_out, labels)
-    parity = bool(np.array_equal(compiled_out, sim_out))
+    engine_out = run(x_int)
+    engine_acc = _accuracy(engine_out, labels)
+    parity = bool(np.array_equal(engine_out.reshape(sim_out.shape), sim_out))
     done("verify")
 
     headroom = min(r.headroom_bits for r in sim.report if r.acc_bits is not None)
     summary = {
         "profile": profile.name, "network": network, "float_accuracy": float_acc, "rtn_accuracy": rtn_acc,
-        "qft_accuracy": qft_acc, "simulator_accuracy": sim_acc, "compiled_accuracy": compiled_acc,
-        "compiled_equals_simulator": parity, "accumulator_overflows": sim.overflows,
+        "qft_accuracy": qft_acc, "simulator_accuracy": sim_acc, "engine": engine, "engine_accuracy": engine_acc,
+        "engine_equals_simulator": parity, "accumulator_overflows": sim.overflows,
         "min_accumulator_headroom_bits": round(headroom, 2), "qft_initialisation": qft_report.get("chosen_init"),
         "qft_outcome": qft_report.get("outcome"),
         "test_images": int(len(labels)), "calibration_images": int(len(calibration)), "seconds": seconds,
@@ -91,6 +94,40 @@ def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo"
     done("report")
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _engine_check(fmt: str, profile) -> str:
+    """The engine label of an export format, after checking that the engine runs the profile."""
+    if fmt == "tflite":
+        from export.tflite import litert_profile_of
+
+        return f"LiteRT ({litert_profile_of(profile)}'s kernels)"
+    if fmt == "onnx":
+        from export.onnx import onnxruntime_profile_of
+
+        return f"onnxruntime ({onnxruntime_profile_of(profile)}'s kernels)"
+    return ENGINES[fmt]
+
+
+def _export(fmt: str, int_model, out: Path, target: str):
+    """Write the model in `fmt` under `out` and return the function that runs it on input integers."""
+    if fmt == "tflite":
+        from export.tflite import litert_profile_of, run_tflite, to_tflite
+
+        data = to_tflite(int_model)
+        atomic_write_bytes(out / "model.tflite", data)
+        return lambda x: run_tflite(data, litert_profile_of(int_model.profile), x)
+    if fmt == "onnx":
+        from export.onnx import run_onnx, to_onnx
+
+        data = to_onnx(int_model)
+        atomic_write_bytes(out / "model.onnx", data)
+        return lambda x: run_onnx(data, int_model, x)
+    import export
+
+    export.export_library(int_model, out / "model.so", target)
+    compiled = export.load(out / "model.so")
+    return lambda x: compiled.run(x)[int_model.outputs[0]]
 
 
 def _graph_outputs(qgraph, x) -> np.ndarray:
@@ -110,8 +147,8 @@ def format_summary(s: dict) -> str:
         ("QFT accuracy (eval graph)", f"{s['qft_accuracy']:.4f}"),
         ("QFT outcome", s["qft_outcome"]),
         ("simulator accuracy", f"{s['simulator_accuracy']:.4f}"),
-        ("compiled (TVM) accuracy", f"{s['compiled_accuracy']:.4f}"),
-        ("compiled == simulator", "yes, every output" if s["compiled_equals_simulator"] else "NO"),
+        (f"{s['engine']} accuracy", f"{s['engine_accuracy']:.4f}"),
+        (f"{s['engine'].split(' (')[0]} == simulator", "yes, every output" if s["engine_equals_simulator"] else "NO"),
         ("accumulator overflows", str(s["accumulator_overflows"])),
         ("min accumulator headroom", f"{s['min_accumulator_headroom_bits']} bits"),
     ] + [(f"time: {k}", f"{v:.1f} s") for k, v in s["seconds"].items()]

@@ -24,7 +24,9 @@ from qftsim.profile import HardwareProfile, load_profile
 
 ONNX_OPS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
             "QLinearGlobalAveragePool", "QLinearConcat", "MaxPool", "Resize", "Reshape", "Flatten", "Split",
-            "Slice", "QuantizeLinear", "DequantizeLinear")
+            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "QuantizeLinear", "DequantizeLinear")
+# ops that keep their input's quantization (a tensor's quantization is read through them from a consumer's)
+PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Split", "Slice", "Concat", "Clip")
 TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
 _INT8_TYPES = {2: False, 3: True}  # onnx TensorProto UINT8, INT8 -> signed
 
@@ -49,7 +51,23 @@ def from_onnx(source: str | Path | bytes, profile: str | HardwareProfile) -> Int
             data = Path(source).read_bytes()
         except OSError as exc:
             raise QftsimError(f"{source}: cannot read ({exc.strerror})") from None
-    return _OnnxImporter(executed_graph(data, name), load_profile(profile), name).run()
+    return _OnnxImporter(executed_graph(data, name), load_profile(profile), name, annotations(data)).run()
+
+
+def annotations(data: bytes) -> dict[str, TensorQuant]:
+    """The tensor quantizations a model states in its graph's quantization_annotation (ONNX's record of the
+    scale and zero point of a tensor that no QLinear op reads, such as a table lookup's output)."""
+    onnx, _ = _modules()
+    graph = onnx.load_from_string(data).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    out = {}
+    for note in graph.quantization_annotation:
+        names = {e.key: e.value for e in note.quant_parameter_tensor_names}
+        scale, zero = consts.get(names.get("SCALE_TENSOR")), consts.get(names.get("ZERO_POINT_TENSOR"))
+        if scale is not None and zero is not None and zero.dtype in (np.uint8, np.int8):
+            out[note.tensor_name] = TensorQuant(8, zero.dtype == np.int8, int(zero.reshape(-1)[0]),
+                                                float(np.float32(scale.reshape(-1)[0])))
+    return out
 
 
 def session(model: bytes, optimized_path: str | None = None, extended_only: bool = False):
@@ -82,14 +100,20 @@ def executed_graph(data: bytes, name: str):
 
 
 class _OnnxImporter:
-    def __init__(self, model, profile: HardwareProfile, source: str):
+    def __init__(self, model, profile: HardwareProfile, source: str, stated: dict[str, TensorQuant] | None = None):
         onnx, _ = _modules()
         self.onnx, self.model, self.profile, self.source = onnx, model, profile, source
+        self.stated = stated or {}  # quantization annotations of the file as written
         self.graph = model.graph
         self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in self.graph.initializer}
         for node in self.graph.node:  # Constant nodes are initializers too
             if node.op_type == "Constant":
                 self.consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+        self.consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.index_of: dict[str, tuple[str, int]] = {}  # an int32 Cast of a tensor (plus an offset): a table index
         self.tensor_of: dict[str, str] = {}  # onnx tensor -> IntModel tensor
         self.quant: dict[str, TensorQuant] = {}
         self.shape: dict[str, tuple[int, ...]] = {}  # with the batch
@@ -132,6 +156,22 @@ class _OnnxImporter:
                                attrs or {}, arrays or {}))
         self.tensor_of[out], self.quant[out], self.shape[out] = name, quant, tuple(shape)
         return name
+
+    def _consumer_quant(self, name: str) -> TensorQuant | None:
+        """A tensor's quantization as the QLinear ops (or the DequantizeLinear) that read it state it, looking
+        through ops that keep quantization; None where nothing states it."""
+        for c in self.consumers.get(name, []):
+            for i, x in enumerate(c.input):
+                if x != name:
+                    continue
+                if c.op_type == "DequantizeLinear" and i == 0 or c.op_type.startswith("QLinear") and \
+                        len(c.input) > i + 2 and c.input[i + 1] in self.consts or c.op_type == "QGemm" and i in (0, 3):
+                    return self._tensor_quant(c, c.input[i + 1], c.input[i + 2])
+                if c.op_type in PASS_THROUGH and (i == 0 or c.op_type == "Concat"):
+                    found = next((q for q in map(self._consumer_quant, c.output) if q is not None), None)
+                    if found is not None:
+                        return found
+        return None
 
     def _alias(self, node, x: str, shape: tuple[int, ...] | None = None) -> None:
         out = node.output[0]
@@ -431,3 +471,54 @@ class _OnnxImporter:
             self._alias(node, x)
             return
         self._slice(node, node.output[0], x, *cuts[0])
+
+    def _op_Concat(self, node):
+        parts = [self._input(node, k) for k in range(len(node.input))]
+        if any(self.quant[p] != self.quant[parts[0]] for p in parts):
+            raise self._fail(node, "concatenates differently quantized tensors without QLinearConcat")
+        axis = int(self._attrs(node)["axis"]) % len(self.shape[parts[0]])
+        shape = list(self.shape[parts[0]])
+        shape[axis] = sum(self.shape[p][axis] for p in parts)
+        self._emit(node.output[0], "concat", parts, self.quant[parts[0]], tuple(shape), {"axis": axis})
+
+    def _op_Clip(self, node):
+        """Clip of integers: narrows the clamp of the op that produced its input (its only reader), or a clamp."""
+        x = self._input(node, 0)
+        q = self.quant[x]
+        bounds = [int(self._const(node, node.input[k]).reshape(-1)[0]) if len(node.input) > k and node.input[k]
+                  else default for k, default in ((1, q.qmin), (2, q.qmax))]
+        lo, hi = max(bounds[0], q.qmin), min(bounds[1], q.qmax)
+        producer = next((n for n in self.nodes if n.name == self.tensor_of[x]), None)
+        if producer is not None and producer.attrs.get("clamp") and len(self.consumers.get(x, [])) == 1:
+            before = producer.attrs["clamp"]
+            producer.attrs["clamp"] = [max(before[0], lo), min(before[1], hi)]
+            self._alias(node, x)
+            return
+        self._emit(node.output[0], "clamp", [x], q, self.shape[x], {"clamp": [lo, hi]})
+
+    def _op_Cast(self, node):
+        x = self._input(node, 0)
+        if self._attrs(node).get("to") not in (self.onnx.TensorProto.INT32, self.onnx.TensorProto.INT64):
+            raise self._fail(node, "casts to a type other than int32/int64 (qftsim reads Cast only as a table index)")
+        self.index_of[node.output[0]] = (x, 0)
+
+    def _op_Add(self, node):
+        index, other = (node.input if node.input[0] in self.index_of else node.input[::-1])
+        if index not in self.index_of or other not in self.consts:
+            raise self._fail(node, "is a plain Add; qftsim reads it only as an offset of a table index")
+        x, offset = self.index_of[index]
+        self.index_of[node.output[0]] = (x, offset + int(self.consts[other].reshape(-1)[0]))
+
+    def _op_Gather(self, node):
+        """Gather of a constant table by the codes of a tensor (Cast, plus -qmin): a lut."""
+        table = self.consts.get(node.input[0])
+        if table is None or node.input[1] not in self.index_of or int(self._attrs(node).get("axis", 0)) != 0:
+            raise self._fail(node, "is not a lookup of a constant table by a tensor's codes")
+        x, offset = self.index_of[node.input[1]]
+        q_in = self.quant[x]
+        q_out = self.stated.get(node.output[0]) or self._consumer_quant(node.output[0])
+        if table.shape != (q_in.qmax - q_in.qmin + 1,) or offset != -q_in.qmin or q_out is None \
+                or table.dtype != q_out.dtype:
+            raise self._fail(node, f"is a lookup whose table ({table.shape}, {table.dtype}) or index offset ({offset}) "
+                             "does not map every input code, or whose output quantization no reader states")
+        self._table_node(node, node.output[0], x, table.astype(np.int64), q_out)

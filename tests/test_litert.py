@@ -487,6 +487,23 @@ def test_qft_model_exported_gives_litert_the_simulators_logits(tmp_path, capsys,
     assert np.array_equal(ours.reshape(theirs.shape), theirs)
 
 
+def test_demo_ends_in_a_tflite_that_litert_verifies(tmp_path, capsys):
+    """`qftsim demo --format tflite`: the QFT model written as .tflite, run by LiteRT's XNNPACK, equals the
+    simulator; a profile LiteRT cannot run stops the demo before it trains."""
+    import json
+    import re
+
+    from qftsim.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--profile", "litert-xnnpack", "--network", "resnet", "--epochs", "1", "--format", "tflite",
+                 "--out", str(out), "--quiet"]) == 0
+    assert re.search(r"LiteRT == simulator +yes, every output", capsys.readouterr().out)
+    assert json.loads((out / "summary.json").read_text())["engine_equals_simulator"] and (out / "model.tflite").is_file()
+    assert main(["demo", "--profile", "int8-default", "--format", "tflite", "--out", str(out), "--quiet"]) == 2
+    assert "LiteRT cannot run it" in capsys.readouterr().err
+
+
 def test_export_refuses_what_litert_would_compute_otherwise():
     """One line each: a profile LiteRT does not run (the field named), a multiplier no float32 scale gives."""
     from export.tflite import to_tflite

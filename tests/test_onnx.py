@@ -20,13 +20,26 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 pytest.importorskip("onnx")
 
 from qftsim import QftsimError, arith  # noqa: E402
-from qftsim.onnx_import import _OnnxImporter, executed_graph, from_onnx, session  # noqa: E402
+from qftsim.onnx_import import _OnnxImporter, annotations, executed_graph, from_onnx, session  # noqa: E402
 from qftsim.profile import load_profile  # noqa: E402
 from qftsim.sim import AccumulatorOverflowWarning, simulate  # noqa: E402
 from tests.onnx_models import FloatNet, quantize  # noqa: E402
 
 PROFILE = "onnxruntime-cpu"
-COMPARED, DIFFER = collections.Counter(), collections.Counter()
+
+
+class Tally:
+    """Elements compared and elements that differ, per op, over the whole run (the issue's table)."""
+
+    def __init__(self):
+        self.compared, self.differ = collections.Counter(), collections.Counter()
+
+    def add(self, key: str, compared: int, differ: int) -> None:
+        self.compared[key] += compared
+        self.differ[key] += differ
+
+
+TALLY, EXPORT_TALLY = Tally(), Tally()
 
 
 @st.composite
@@ -103,11 +116,11 @@ def integer_graph(executed, importer: _OnnxImporter):
     return model, q_in.output[0], names
 
 
-def compare_with_onnxruntime(model_bytes: bytes, x: np.ndarray) -> int:
+def compare_with_onnxruntime(model_bytes: bytes, x: np.ndarray, tally: Tally = TALLY) -> int:
     """Import `model_bytes`, simulate it and count the elements that differ from onnxruntime: every integer
     tensor of the executed graph, and the deployed (float in, float out) model's outputs."""
     executed = executed_graph(model_bytes, "<test>")
-    importer = _OnnxImporter(executed, load_profile(PROFILE), "<test>")
+    importer = _OnnxImporter(executed, load_profile(PROFILE), "<test>", annotations(model_bytes))
     int_model = importer.run()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccumulatorOverflowWarning)
@@ -121,9 +134,7 @@ def compare_with_onnxruntime(model_bytes: bytes, x: np.ndarray) -> int:
         for name in names:
             mine = ours[importer.tensor_of[name]][sample:sample + 1].reshape(theirs[name].shape)
             bad = int((mine != theirs[name]).sum())
-            key = ops[importer.tensor_of[name]]
-            COMPARED[key] += mine.size
-            DIFFER[key] += bad
+            tally.add(ops[importer.tensor_of[name]], mine.size, bad)
             differ += bad
     deployed = session(model_bytes)  # as a user runs it: default options, float in and out
     q_in, out = int_model.inputs[0].quant, int_model.nodes[-1].quant
@@ -132,9 +143,9 @@ def compare_with_onnxruntime(model_bytes: bytes, x: np.ndarray) -> int:
         real = (x[sample:sample + 1].astype(np.float32) - q_in.zero_point) * np.float32(q_in.scale)
         (theirs,) = deployed.run(None, {deployed.get_inputs()[0].name: real})
         mine = (final[sample:sample + 1].astype(np.float32) - out.zero_point) * np.float32(out.scale)
-        differ += int((mine.reshape(theirs.shape) != theirs).sum())
-        COMPARED["deployed output"] += theirs.size
-        DIFFER["deployed output"] += int((mine.reshape(theirs.shape) != theirs).sum())
+        bad = int((mine.reshape(theirs.shape) != theirs).sum())
+        tally.add("deployed output", theirs.size, bad)
+        differ += bad
     return differ
 
 
@@ -191,8 +202,7 @@ def test_add_and_mul_arithmetic_equal_onnxruntime(seed, signed, log_scales, shap
     differ = {"add arithmetic": int((added != _qlinear("QLinearAdd", a, b, scales, zeros)).sum()),
               "mul arithmetic": int((multiplied != _qlinear("QLinearMul", a, b, scales, zeros)).sum())}
     for key, bad in differ.items():
-        COMPARED[key] += a.size
-        DIFFER[key] += bad
+        TALLY.add(key, a.size, bad)
     assert differ == {"add arithmetic": 0, "mul arithmetic": 0}
 
 
@@ -243,9 +253,114 @@ def test_cli_imports_an_onnx_model_with_its_default_profile(tmp_path, capsys):
     assert intmodel.load(tmp_path / "net.qft").profile.name == PROFILE
 
 
-def test_report_per_op(capsys):
-    """Prints what the run compared (the issue's table): elements compared and differing, per op."""
+# ---------------------------------------------------------------- export: qftsim writes, onnxruntime runs
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(networks())
+def test_exported_onnx_runs_in_onnxruntime_to_the_simulators_integers(network):
+    """An IntModel (imported from a generated network) written by export.onnx runs in onnxruntime to what the
+    simulator computes, every tensor; the writer checked that the file imports back to the model's nodes."""
+    from export.onnx import to_onnx
+
+    float_model, shape, seed = network
+    rng = np.random.default_rng(seed)
+    int_model = from_onnx(quantize(float_model, rng.standard_normal((8, *shape[1:])).astype(np.float32)), PROFILE)
+    assume(min([i.quant.scale for i in int_model.inputs] + [n.quant.scale for n in int_model.nodes]) > 1e-6)
+    x = edge_inputs(shape, rng, int_model.inputs[0].quant.zero_point)
+    assert compare_with_onnxruntime(to_onnx(int_model), x, EXPORT_TALLY) == 0
+
+
+@pytest.mark.parametrize("network", ["resnet", "mobilenetv2"])
+def test_qft_model_exported_gives_onnxruntime_the_simulators_logits(tmp_path, capsys, network):
+    """A QFT-trained network on onnxruntime-cpu, written by `qftsim export --format onnx`: onnxruntime, fed the
+    float images, gives the simulator's logits (dequantized: equal floats are equal integers)."""
+    import torch
+
+    from qftsim.cli import main
+    from qftsim.qft import quantize_graph
+    from qftsim.zoo import REFERENCE_NETWORKS, load_mnist
+
+    torch.manual_seed(0)
+    x_train, _, x_test, _ = load_mnist()
+    qgraph, _ = quantize_graph(REFERENCE_NETWORKS[network]().eval(), x_train[:128], PROFILE, epochs=1,
+                               dataset_size=128, progress=False)
+    int_model = qgraph.integerize()
+    int_model.save(tmp_path / "m.qft")
+    assert main(["export", str(tmp_path / "m.qft"), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert PROFILE in capsys.readouterr().out
+    q_in, q_out = int_model.inputs[0].quant, int_model.quant_of(int_model.outputs[0])
+    codes = q_in.quantize(x_test[:32].numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        ours = simulate(int_model, codes).outputs[int_model.outputs[0]]
+    engine = session((tmp_path / "m.onnx").read_bytes())
+    real = (codes.astype(np.float32) - q_in.zero_point) * np.float32(q_in.scale)
+    (theirs,) = engine.run(None, {"input": real})  # the exported model takes a batch
+    mine = (ours.astype(np.float32) - q_out.zero_point) * np.float32(q_out.scale)
+    assert np.array_equal(mine.reshape(theirs.shape), theirs)
+    EXPORT_TALLY.add(f"qft {network} logits", theirs.size, int((mine.reshape(theirs.shape) != theirs).sum()))
+
+
+def test_export_refuses_what_onnxruntime_would_compute_otherwise():
+    """One line each: a profile onnxruntime does not run (the field named), an op it has no integer kernel for."""
+    from export.onnx import to_onnx
+    from qftsim.intmodel import IntModel, Node
+
+    net = FloatNet(3, 8, 2)
+    int_model = from_onnx(quantize(net.to_bytes(net.head(net.conv("input", 4, 3), 3)),
+                                   np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)), PROFILE)
+    from qftsim.profile import HardwareProfile
+
+    other = load_profile(PROFILE).to_dict()
+    other["name"], other["arithmetic"]["conv2d"]["rounding"] = "mine", "half_away"
+    with pytest.raises(QftsimError, match=r"profile mine: onnxruntime cannot run it: arithmetic\.conv2d\.rounding "
+                                          r"is 'half_away'"):
+        to_onnx(IntModel(HardwareProfile.from_dict(other), int_model.inputs, int_model.nodes, int_model.outputs))
+    first = int_model.nodes[0]
+    pool = Node("pool", "avgpool2d", [first.name], first.quant, {"kernel": [2, 2], "stride": [2, 2]})
+    with pytest.raises(QftsimError, match="average pool") as info:
+        to_onnx(IntModel(int_model.profile, int_model.inputs, [first, pool], ["pool"]))
+    assert "\n" not in str(info.value)
+    net = FloatNet(3, 8, 3)
+    x = net.conv("input", 4, 3)
+    residual = from_onnx(quantize(net.to_bytes(net.head(net.add(x, net.conv(x, 4, 3)), 3)),
+                                  np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)), PROFILE)
+    nodes = list(residual.nodes)
+    k = next(i for i, n in enumerate(nodes) if n.op == "add")
+    ratios = list(nodes[k].attrs["input_multipliers"])
+    ratios[0] += 1  # a ratio onnxruntime does not derive from the tensors' float32 scales
+    nodes[k] = Node(nodes[k].name, "add", nodes[k].inputs, nodes[k].quant,
+                    {**nodes[k].attrs, "input_multipliers": ratios})
+    with pytest.raises(QftsimError, match=r"onnxruntime would derive other input_multipliers") as info:
+        to_onnx(IntModel(residual.profile, residual.inputs, nodes, residual.outputs))
+    assert "\n" not in str(info.value)
+
+
+def _report(tally: Tally, direction: str, capsys) -> None:
     with capsys.disabled():
-        for key in sorted(COMPARED):
-            print(f"\nimport onnxruntime-cpu {key:18s} compared {COMPARED[key]:9d} differ {DIFFER[key]}", end="")
-    assert sum(DIFFER.values()) == 0
+        for key in sorted(tally.compared):
+            print(f"\n{direction} onnxruntime-cpu {key:22s} compared {tally.compared[key]:9d} differ "
+                  f"{tally.differ[key]}", end="")
+    assert sum(tally.differ.values()) == 0
+
+
+def test_report_per_op(capsys):
+    """Prints what the run compared (the issue's table): elements compared and differing, per op and direction."""
+    _report(TALLY, "import", capsys)
+    _report(EXPORT_TALLY, "export", capsys)
+
+
+def test_demo_ends_in_an_onnx_model_that_onnxruntime_verifies(tmp_path, capsys):
+    """`qftsim demo --format onnx`: the QFT model written as .onnx, run by onnxruntime, equals the simulator."""
+    import json
+    import re
+
+    from qftsim.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--profile", PROFILE, "--network", "resnet", "--epochs", "1", "--format", "onnx",
+                 "--out", str(out), "--quiet"]) == 0
+    assert re.search(r"onnxruntime == simulator +yes, every output", capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine_equals_simulator"] and (out / "model.onnx").is_file()

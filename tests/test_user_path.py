@@ -168,8 +168,8 @@ def test_walkthrough_runs_as_written(tmp_path):
             assert "equal (640 values, 64 samples)" in res.stdout
     demo = tmp_path / "demo"
     summary = json.loads((demo / "summary.json").read_text())
-    assert summary["simulator_accuracy"] == summary["compiled_accuracy"] == summary["qft_accuracy"]
-    assert summary["compiled_equals_simulator"] and 0.9 < summary["qft_accuracy"] <= 1
+    assert summary["simulator_accuracy"] == summary["engine_accuracy"] == summary["qft_accuracy"]
+    assert summary["engine_equals_simulator"] and 0.9 < summary["qft_accuracy"] <= 1
     for key in ("profile", "network", "float_accuracy", "rtn_accuracy", "accumulator_overflows", "seconds"):
         assert key in summary
     for name in ("model.qft", "model.so", "model.so.json", "inputs.npy", "report/summary.md",
