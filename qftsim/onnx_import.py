@@ -24,7 +24,7 @@ from qftsim.profile import HardwareProfile, load_profile
 
 ONNX_OPS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
             "QLinearGlobalAveragePool", "QLinearConcat", "MaxPool", "Resize", "Reshape", "Flatten", "Split",
-            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "QuantizeLinear", "DequantizeLinear")
+            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "Pad", "QuantizeLinear", "DequantizeLinear")
 # ops that keep their input's quantization (a tensor's quantization is read through them from a consumer's)
 PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Split", "Slice", "Concat", "Clip")
 TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
@@ -114,6 +114,7 @@ class _OnnxImporter:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.index_of: dict[str, tuple[str, int]] = {}  # an int32 Cast of a tensor (plus an offset): a table index
+        self.pending_pad: dict[str, tuple[str, list[int]]] = {}  # Pad output -> (its input, [top, left, bottom, right])
         self.tensor_of: dict[str, str] = {}  # onnx tensor -> IntModel tensor
         self.quant: dict[str, TensorQuant] = {}
         self.shape: dict[str, tuple[int, ...]] = {}  # with the batch
@@ -142,6 +143,8 @@ class _OnnxImporter:
 
     def _input(self, node, index: int) -> str:
         name = node.input[index]
+        if name in self.pending_pad:
+            raise self._fail(node, f"reads the Pad output {name!r}; qftsim imports a Pad only into a QLinearConv")
         if name not in self.tensor_of:
             raise self._fail(node, f"reads {name!r}, which no imported op produces")
         return name
@@ -185,7 +188,7 @@ class _OnnxImporter:
         float_inputs = [i.name for i in g.input if i.name not in self.consts]
         if len(float_inputs) != 1:
             raise QftsimError(f"{self.source}: the model has {len(float_inputs)} inputs; qftsim imports one")
-        nodes = [n for n in g.node if n.op_type != "Constant"]
+        nodes = self._integer_pads([n for n in g.node if n.op_type != "Constant"])
         outputs = {o.name for o in g.output}
         edge_in = [n for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] in float_inputs]
         edge_out = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output[0] in outputs]
@@ -230,6 +233,35 @@ class _OnnxImporter:
         except QftsimError as exc:
             raise QftsimError(f"{self.source}: does not fit profile {self.profile.name}: {exc}") from None
 
+    def _integer_pads(self, nodes: list) -> list:
+        """DequantizeLinear -> Pad -> QuantizeLinear of one quantization (what onnxruntime leaves of a QDQ Pad)
+        as the integer Pad it equals: QuantizeLinear(DequantizeLinear(q)) = q for 8-bit codes of one scale
+        (float32's relative errors, 2^-24 twice, move (q - z) by less than 255 * 2^-23), and the padding value
+        (a dequantized constant) pads with the code QuantizeLinear makes of it."""
+        producer = {o: n for n in nodes for o in n.output}
+        out = list(nodes)
+        for pad in [n for n in nodes if n.op_type == "Pad"]:
+            data, value = producer.get(pad.input[0]), producer.get(pad.input[2]) if len(pad.input) > 2 else None
+            readers = self.consumers.get(pad.output[0], [])
+            if not (data is not None and data.op_type == "DequantizeLinear" and len(readers) == 1
+                    and readers[0].op_type == "QuantizeLinear" and value is not None
+                    and value.op_type == "DequantizeLinear" and value.input[0] in self.consts):
+                continue
+            (q,) = readers
+            q_data, q_value, q_out = (self._tensor_quant(n, n.input[1], n.input[2]) for n in (data, value, q))
+            if q_data != q_out or len(self.consumers.get(data.output[0], [])) != 1:
+                continue
+            real = (np.float32(self.consts[value.input[0]].reshape(-1)[0]) - np.float32(q_value.zero_point)) \
+                * np.float32(q_value.scale)
+            code = int(np.clip(np.rint(np.float32(real / np.float32(q_out.scale))) + q_out.zero_point, q_out.qmin,
+                               q_out.qmax))  # the padding value as QuantizeLinear makes it a code
+            self.consts[f"{pad.output[0]}_code"] = np.array(code, dtype=q_out.dtype)
+            integer = self.onnx.NodeProto()
+            integer.CopyFrom(pad)  # the file's graph stays as it is
+            integer.input[0], integer.input[2], integer.output[0] = data.input[0], f"{pad.output[0]}_code", q.output[0]
+            out = [integer if n is pad else n for n in out if n is not data and n is not value and n is not q]
+        return out
+
     # ------------------------------------------------------------ ops
 
     def _weights(self, node, index: int, zero_index: int) -> np.ndarray:
@@ -252,7 +284,8 @@ class _OnnxImporter:
 
     def _op_QLinearConv(self, node):
         a = self._attrs(node)
-        x = self._input(node, 0)
+        x, extra = self.pending_pad.get(node.input[0], (None, [0, 0, 0, 0]))
+        x = x or self._input(node, 0)
         q_in, q_out = self.quant[x], self._tensor_quant(node, node.input[6], node.input[7])
         w = self._weights(node, 3, 5)
         channels, groups = w.shape[0], int(a.get("group", 1))
@@ -263,7 +296,7 @@ class _OnnxImporter:
         n, c, h, wd = self.shape[x]
         kernel = w.shape[2:]
         stride, dilation = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
-        padding = list(a.get("pads", [0, 0, 0, 0]))
+        padding = [p + e for p, e in zip(a.get("pads", [0, 0, 0, 0]), extra)]
         depthwise = groups == c and w.shape[1] == 1 and groups > 1
         kind = "depthwise_conv2d" if depthwise else "conv2d"
         m, t = engine_multipliers(self.profile, kind, q_in.scale, self._scales(node, 4, channels), q_out.scale)
@@ -522,3 +555,20 @@ class _OnnxImporter:
             raise self._fail(node, f"is a lookup whose table ({table.shape}, {table.dtype}) or index offset ({offset}) "
                              "does not map every input code, or whose output quantization no reader states")
         self._table_node(node, node.output[0], x, table.astype(np.int64), q_out)
+
+    def _op_Pad(self, node):
+        """A constant Pad of H and W by the zero point (a padded convolution's input): folded into the conv."""
+        x = self._input(node, 0)
+        a = self._attrs(node)
+        mode = a.get("mode", b"constant")
+        pads = [int(v) for v in self._const(node, node.input[1])]
+        value = int(self._const(node, node.input[2]).reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else 0
+        rank = len(self.shape[x])
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or rank != 4 or len(node.input) > 3 \
+                or any(pads[i] for i in (0, 1, 4, 5)) or value != self.quant[x].zero_point or min(pads) < 0:
+            raise self._fail(node, "is not a constant Pad of height and width by the zero point; qftsim imports "
+                             "that one (into the convolution after it)")
+        top, left, bottom, right = pads[2], pads[3], pads[6], pads[7]
+        n, c, h, w = self.shape[x]
+        self.pending_pad[node.output[0]] = (x, [top, left, bottom, right])
+        self.shape[node.output[0]] = (n, c, h + top + bottom, w + left + right)

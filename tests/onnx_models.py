@@ -36,13 +36,19 @@ class FloatNet:
             self.shape[n] = shape
         return names
 
+    def pad(self, x: str, top: int, left: int, bottom: int, right: int) -> str:
+        """A zero Pad of height and width (as torch exports ZeroPad2d)."""
+        n, c, h, w = self.shape[x]
+        pads = self.const([0, 0, top, left, 0, 0, bottom, right], np.int64)
+        return self.op("Pad", [x, pads, self.const(0.0)], (n, c, h + top + bottom, w + left + right), mode="constant")[0]
+
     def conv(self, x: str, out_channels: int, kernel: int, stride: int = 1, depthwise: bool = False,
-             activation: str | None = None) -> str:
+             activation: str | None = None, same: bool = True) -> str:
         n, c, h, w = self.shape[x]
         groups = c if depthwise else 1
         out_channels = c if depthwise else out_channels
         weight = self.rng.standard_normal((out_channels, c // groups, kernel, kernel)) / np.sqrt(c // groups * kernel ** 2)
-        pad = kernel // 2
+        pad = kernel // 2 if same else 0
         ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
         (y,) = self.op("Conv", [x, self.const(weight), self.const(self.rng.standard_normal(out_channels) * 0.1)],
                        (n, out_channels, ho, wo), kernel_shape=[kernel, kernel], strides=[stride, stride],

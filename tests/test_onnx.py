@@ -55,7 +55,7 @@ def networks(draw):
     for _ in range(draw(st.integers(1, 4))):
         _, c, h, _ = net.shape[x]
         kind = draw(st.sampled_from(["conv", "depthwise", "residual", "gate", "pool", "concat", "split", "slice",
-                                     "upsample", "unary"]))
+                                     "upsample", "unary", "pad"]))
         if kind == "conv":
             x = net.conv(x, draw(st.sampled_from([1, 3, 8])), draw(st.sampled_from([1, 3, 5])),
                          draw(st.sampled_from([1, 2])) if h > 2 else 1, activation=draw(activations))
@@ -79,6 +79,11 @@ def networks(draw):
             x = net.slice_channels(x, start, draw(st.integers(start + 1, c)))
         elif kind == "upsample" and h <= 9:
             x = net.upsample(x)
+        elif kind == "pad":  # TF-style asymmetric padding before a VALID (depthwise) conv, as EfficientNet-Lite's
+            top, left, bottom, right = (draw(st.integers(0, 2)) for _ in range(4))
+            if min(h + top + bottom, net.shape[x][3] + left + right) >= 3:
+                x = net.conv(net.pad(x, top, left, bottom, right), c, 3, draw(st.sampled_from([1, 2])),
+                             depthwise=draw(st.booleans()), activation=draw(activations), same=False)
         elif kind == "unary":
             x = net.activation(x, draw(st.sampled_from(["sigmoid", "leaky_relu"])))
     if draw(st.booleans()):
@@ -103,7 +108,9 @@ def integer_graph(executed, importer: _OnnxImporter):
     model = onnx.ModelProto()
     model.CopyFrom(executed)
     g = model.graph
-    edges = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    float_input, outputs = g.input[0].name, {o.name for o in g.output}
+    edges = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == float_input
+             or n.op_type == "DequantizeLinear" and n.output[0] in outputs]
     (q_in,) = [n for n in edges if n.op_type == "QuantizeLinear"]
     element = onnx.TensorProto.INT8 if importer.quant[q_in.output[0]].signed else onnx.TensorProto.UINT8
     produced = {o for n in graph.node for o in n.output}
