@@ -589,9 +589,11 @@ def float32_factors(multipliers, shifts) -> list[np.float32]:
 
 
 def ort_add_constant(ratio_a: np.float32, ratio_b: np.float32, zero_a: int, zero_b: int, zero_out: int):
-    """onnxruntime's QLinearAdd constant z_out - (r_a z_a + r_b z_b) in float32, each step rounded."""
+    """onnxruntime's QLinearAdd constant z_out - (r_a z_a + r_b z_b) in float32 as its compiler builds it: the
+    sum contracted to fma(r_a, z_a, r_b z_b) (measured: the uncontracted sum, or the other contraction, miss
+    the engine's integers on 29 and 21 of 40 scale draws, each over all 65,536 input pairs; this misses none)."""
     f32 = np.float32
-    return f32(f32(zero_out) - f32(f32(ratio_a * f32(zero_a)) + f32(ratio_b * f32(zero_b))))
+    return f32(f32(zero_out) - fma_float32(zero_a, ratio_a, f32(ratio_b * f32(zero_b))))
 
 
 def add_float32_fma(a, b, ratio_a, ratio_b, zero_a: int, zero_b: int, zero_out: int):

@@ -90,10 +90,10 @@ def cpu_float_to_int(v: Fraction) -> int:
 
 def ort_add(a: int, b: int, m, t, zero_a: int, zero_b: int, zero_out: int) -> int:
     """onnxruntime's QLinearAdd from its definition: r = s_in / s_out (float32), the constant
-    z_out - (r_a z_a + r_b z_b) rounded to float32 at every step, then two fused multiply-adds, each rounded once."""
+    z_out - fma(r_a, z_a, r_b z_b) in float32, then two fused multiply-adds, each rounded once."""
     r_a, r_b = (Fraction(mi) / Fraction(2) ** ti for mi, ti in zip(m, t))
     f32 = lambda v: to_float(v, 24)  # noqa: E731
-    constant = f32(zero_out - f32(f32(r_a * zero_a) + f32(r_b * zero_b)))
+    constant = f32(zero_out - f32(r_a * zero_a + f32(r_b * zero_b)))  # the compiler's contraction: one FMA
     return cpu_float_to_int(f32(a * r_a + f32(b * r_b + constant)))
 
 

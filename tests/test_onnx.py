@@ -101,7 +101,8 @@ def edge_inputs(shape, rng: np.random.Generator, zero_point: int, random: int = 
 
 def integer_graph(executed, importer: _OnnxImporter):
     """The executed graph with its float edges cut: it takes the integer input and gives every integer tensor
-    the importer mapped (onnxruntime then computes exactly those, each as an output)."""
+    the importer mapped (onnxruntime then computes exactly those, each as an output), but an op's value
+    before a Clip the importer folded into that op's clamp."""
     import onnx
 
     graph = executed.graph
@@ -114,7 +115,9 @@ def integer_graph(executed, importer: _OnnxImporter):
     (q_in,) = [n for n in edges if n.op_type == "QuantizeLinear"]
     element = onnx.TensorProto.INT8 if importer.quant[q_in.output[0]].signed else onnx.TensorProto.UINT8
     produced = {o for n in graph.node for o in n.output}
-    names = [t for t in importer.tensor_of if t in produced and t != q_in.output[0]]
+    clipped = {n.input[0] for n in graph.node  # an op's value before a Clip folded into its clamp: not a tensor
+               if n.op_type == "Clip" and importer.tensor_of.get(n.output[0]) == importer.tensor_of.get(n.input[0])}
+    names = [t for t in importer.tensor_of if t in produced and t != q_in.output[0] and t not in clipped]
     for n in edges:
         g.node.remove(n)
     del g.input[:], g.output[:]
@@ -190,17 +193,18 @@ def _qlinear(op: str, a: np.ndarray, b: np.ndarray, scales, zeros) -> np.ndarray
     return session(model.SerializeToString()).run(None, {"a": a, "b": b})[0].astype(np.int64)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.integers(0, 2**31), st.booleans(), st.lists(st.floats(-16, 4), min_size=3, max_size=3),
-       st.sampled_from([(1, 3, 5, 7), (1, 8, 4, 4), (1, 37)]))
-def test_add_and_mul_arithmetic_equal_onnxruntime(seed, signed, log_scales, shape):
-    """arith's statement of QLinearAdd (two fused multiply-adds in float32) and QLinearMul (the zero point added
-    in float32) against the engine, over scales from 2^-16 to 2^4 and every zero point, all codes drawn."""
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31), st.booleans(), st.lists(st.floats(-16, 4), min_size=3, max_size=3))
+def test_add_and_mul_arithmetic_equal_onnxruntime(seed, signed, log_scales):
+    """arith's statement of QLinearAdd (its float32 constant, two fused multiply-adds) and QLinearMul (the zero
+    point added in float32) against the engine, over scales from 2^-16 to 2^4 and drawn zero points, on every
+    pair of input codes (the rare near-ties where a rounding of the constant shows)."""
     rng = np.random.default_rng(seed)
     dtype, (lo, hi) = (np.int8, (-128, 127)) if signed else (np.uint8, (0, 255))
     scales = [np.float32(2.0 ** v) for v in log_scales]
     zeros = [int(z) for z in rng.integers(lo, hi + 1, 3)]
-    a, b = (rng.integers(lo, hi + 1, shape).astype(dtype) for _ in range(2))
+    a, b = (codes.reshape(1, 256, 256).astype(dtype) for codes in np.meshgrid(np.arange(lo, hi + 1),
+                                                                              np.arange(lo, hi + 1)))
     ratios = [np.float32(s) / scales[2] for s in scales[:2]]
     added = np.clip(arith.add_float32_fma(a.astype(np.int64), b.astype(np.int64), *ratios, *zeros), lo, hi)
     product = (a.astype(np.int64) - zeros[0]) * (b.astype(np.int64) - zeros[1])
