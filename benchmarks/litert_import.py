@@ -77,16 +77,21 @@ def add_image_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--limit", type=int, help="only the first N images")
 
 
+def simulated_logits(model, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """The simulator's first output on x (25 samples at a time) and the seconds it took."""
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
+        ours = np.concatenate([simulate(model, x[i:i + 25]).outputs[model.outputs[0]] for i in range(0, len(x), 25)])
+    return ours, time.time() - t0
+
+
 def compare(model, model_bytes: bytes, resolver: str, x: np.ndarray, channels_first: bool, labels) -> str:
     """One line: the logits of LiteRT and of the simulator on x, how many differ, both top-1, both times."""
     t0 = time.time()
     theirs = run_litert(model_bytes, resolver, x, channels_first)
     t_engine = time.time() - t0
-    t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
-        ours = np.concatenate([simulate(model, x[i:i + 25]).outputs[model.outputs[0]] for i in range(0, len(x), 25)])
-    t_sim = time.time() - t0
+    ours, t_sim = simulated_logits(model, x)
     ours = ours.reshape(theirs.shape)
     top1 = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
     return (f"images {len(x)}  logits {theirs.size}, differ {int((ours != theirs).sum())}  top-1 LiteRT "

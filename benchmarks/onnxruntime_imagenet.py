@@ -31,9 +31,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from litert_import import add_image_arguments, labelled_images, load  # noqa: E402
+from litert_import import add_image_arguments, labelled_images, load, simulated_logits  # noqa: E402
 from qftsim import intmodel  # noqa: E402
-from qftsim.sim import AccumulatorOverflowWarning, simulate  # noqa: E402
 
 
 def quantize_static_effnet(images: np.ndarray) -> bytes:
@@ -96,11 +95,7 @@ def main(argv=None):
     real = (x.astype(np.float32) - q_in.zero_point) * np.float32(q_in.scale)  # the same input integers
     theirs = np.concatenate([engine.run(None, {name: real[i:i + 1]})[0] for i in range(len(x))])
     t_engine = time.time() - t0
-    t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AccumulatorOverflowWarning)
-        ours = np.concatenate([simulate(model, x[i:i + 25]).outputs[model.outputs[0]] for i in range(0, len(x), 25)])
-    t_sim = time.time() - t0
+    ours, t_sim = simulated_logits(model, x)
     mine = ((ours.astype(np.float32) - q_out.zero_point) * np.float32(q_out.scale)).reshape(theirs.shape)
     top1 = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
     print(f"onnxruntime-cpu    images {len(x)}  logits {theirs.size}, differ {int((mine != theirs).sum())}  top-1 "
