@@ -2,8 +2,9 @@
 
 What onnxruntime executes is what is imported: the model is first optimized by onnxruntime itself
 (ORT_ENABLE_EXTENDED, its QDQ fusions), so a QDQ group it runs as a QLinear* integer kernel arrives as
-that kernel, and one it leaves as DequantizeLinear -> float op -> QuantizeLinear (computed in float on
-dequantized values) is refused in one line. ONNX is NCHW like an IntModel, so tensors keep their layout.
+that kernel. A region it leaves as DequantizeLinear -> float ops -> QuantizeLinear is imported where it is a
+function of one input code (elementwise float ops: Tanh, HardSwish), as the engine's table of it; any other
+float region is refused in one line. ONNX is NCHW like an IntModel, so tensors keep their layout.
 Multipliers are derived from the file's float32 scales as the profile's engine derives them; the tables
 of unary QLinear ops (QLinearSigmoid, QLinearLeakyRelu) and of QLinearConcat's rescales are read from the
 engine by running the op on every input code.
@@ -24,7 +25,12 @@ from qftsim.profile import HardwareProfile, load_profile
 
 ONNX_OPS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
             "QLinearGlobalAveragePool", "QLinearConcat", "MaxPool", "Resize", "Reshape", "Flatten", "Split",
-            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "Pad", "QuantizeLinear", "DequantizeLinear")
+            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "Pad", "QuantizeLinear", "DequantizeLinear",
+            "ElementwiseFloat")
+# float ops onnxruntime runs between a DequantizeLinear and a QuantizeLinear that act on each element alone (with
+# scalar constants): such a region is a function of one input code, a table read from the engine
+ELEMENTWISE = ("Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Sub", "Div", "Relu", "Clip", "LeakyRelu",
+               "Erf", "Elu", "Softplus", "Exp", "Neg", "Abs", "Sqrt", "Pow")
 # ops that keep their input's quantization (a tensor's quantization is read through them from a consumer's)
 PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Split", "Slice", "Concat", "Clip")
 TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
@@ -115,6 +121,7 @@ class _OnnxImporter:
                 self.consumers.setdefault(name, []).append(node)
         self.index_of: dict[str, tuple[str, int]] = {}  # an int32 Cast of a tensor (plus an offset): a table index
         self.pending_pad: dict[str, tuple[str, list[int]]] = {}  # Pad output -> (its input, [top, left, bottom, right])
+        self.regions: dict[str, list] = {}  # an ElementwiseFloat output -> its DequantizeLinear, float ops, Quantize
         self.tensor_of: dict[str, str] = {}  # onnx tensor -> IntModel tensor
         self.quant: dict[str, TensorQuant] = {}
         self.shape: dict[str, tuple[int, ...]] = {}  # with the batch
@@ -188,7 +195,7 @@ class _OnnxImporter:
         float_inputs = [i.name for i in g.input if i.name not in self.consts]
         if len(float_inputs) != 1:
             raise QftsimError(f"{self.source}: the model has {len(float_inputs)} inputs; qftsim imports one")
-        nodes = self._integer_pads([n for n in g.node if n.op_type != "Constant"])
+        nodes = self._float_tables(self._integer_pads([n for n in g.node if n.op_type != "Constant"]))
         outputs = {o.name for o in g.output}
         edge_in = [n for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] in float_inputs]
         edge_out = [n for n in nodes if n.op_type == "DequantizeLinear" and n.output[0] in outputs]
@@ -232,6 +239,70 @@ class _OnnxImporter:
             return IntModel(self.profile, model_inputs, self.nodes, results)
         except QftsimError as exc:
             raise QftsimError(f"{self.source}: does not fit profile {self.profile.name}: {exc}") from None
+
+    def _float_tables(self, nodes: list) -> list:
+        """Each DequantizeLinear -> elementwise float ops (scalar constants) -> QuantizeLinear region onnxruntime
+        leaves unfused (Tanh, HardSwish, x * sigmoid(x), ...) as one ElementwiseFloat node: a function of one
+        input code, whose table the engine computes (`_op_ElementwiseFloat`)."""
+        producer = {o: n for n in nodes for o in n.output}
+        out = list(nodes)
+        for dq in [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] not in self.consts]:
+            region, frontier, ends = [], [dq.output[0]], []
+            inside = {dq.output[0]}
+            while frontier:
+                for c in self.consumers.get(frontier.pop(), []):
+                    if c in region or c in ends:
+                        continue
+                    if c.op_type == "QuantizeLinear":
+                        ends.append(c)
+                    elif (c.op_type in ELEMENTWISE or c.op_type == "Flatten") and all(i in inside or i == "" or (i in self.consts and
+                                                          self.consts[i].size == 1) or i in producer and
+                                                          producer[i].op_type in ELEMENTWISE for i in c.input):
+                        region.append(c)
+                        inside.update(c.output)
+                        frontier.extend(c.output)
+                    else:
+                        region = None
+                        break
+                if region is None:
+                    break
+            if not region or len(ends) != 1 or any(i not in inside and i not in self.consts and i != ""
+                                                   for c in region for i in c.input):
+                continue
+            (q,) = ends
+            marker = self.onnx.helper.make_node("ElementwiseFloat", [dq.input[0]], [q.output[0]], name=q.output[0])
+            self.regions[q.output[0]] = [dq, *region, q]
+            drop = {id(n) for n in self.regions[q.output[0]]}
+            out = [marker if n is q else n for n in out if id(n) not in drop or n is q]
+        return out
+
+    def _op_ElementwiseFloat(self, node):
+        """A float region's table: the region itself (the file's nodes and scalar constants) run by the engine on
+        every code of its input."""
+        dq, *region, q = self.regions[node.output[0]]
+        x = self._input(node, 0)
+        q_in, q_out = self.quant[x], self._tensor_quant(q, q.input[1], q.input[2])
+        helper, tp = self.onnx.helper, self.onnx.TensorProto
+        codes = np.arange(q_in.qmin, q_in.qmax + 1).astype(q_in.dtype).reshape(1, -1)
+        renamed = self.onnx.NodeProto()
+        renamed.CopyFrom(dq)
+        renamed.input[0] = "codes"
+        names = {i for n in [dq, *region, q] for i in n.input if i in self.consts}
+        graph = helper.make_graph(
+            [renamed, *region, q], "region", [helper.make_tensor_value_info("codes", tp.INT8 if q_in.signed else tp.UINT8,
+                                                                         codes.shape)],
+            [helper.make_tensor_value_info(q.output[0], tp.INT8 if q_out.signed else tp.UINT8, None)],
+            [self.onnx.numpy_helper.from_array(self.consts[n], n) for n in sorted(names)])
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        table = session(model.SerializeToString()).run(None, {"codes": codes})[0].reshape(-1).astype(np.int64)
+        flatten = [n for n in region if n.op_type == "Flatten"]
+        if not flatten:
+            self._table_node(node, node.output[0], x, table, q_out)
+            return
+        if len(flatten) > 1 or int(self._attrs(flatten[0]).get("axis", 1)) != 1:
+            raise self._fail(flatten[0], "flattens inside a float region other than once, from axis 1")
+        self._table_node(node, f"{node.output[0]}_table", x, table, q_out)  # the table, then the flatten
+        self._reshape(node, f"{node.output[0]}_table", (self.shape[x][0], int(np.prod(self.shape[x][1:]))))
 
     def _integer_pads(self, nodes: list) -> list:
         """DequantizeLinear -> Pad -> QuantizeLinear of one quantization (what onnxruntime leaves of a QDQ Pad)

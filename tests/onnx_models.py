@@ -62,6 +62,8 @@ class FloatNet:
             return self.op("Clip", [x, self.const(0.0), self.const(6.0)], self.shape[x])[0]
         if kind == "sigmoid":
             return self.op("Sigmoid", [x], self.shape[x])[0]
+        if kind in ("tanh", "hardswish"):  # onnxruntime runs these in float between DequantizeLinear and QuantizeLinear
+            return self.op({"tanh": "Tanh", "hardswish": "HardSwish"}[kind], [x], self.shape[x])[0]
         if kind == "leaky_relu":
             return self.op("LeakyRelu", [x], self.shape[x], alpha=0.1)[0]
         return x

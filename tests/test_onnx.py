@@ -45,7 +45,8 @@ TALLY, EXPORT_TALLY = Tally(), Tally()
 @st.composite
 def networks(draw):
     """(float ONNX bytes, input shape, seed): a conv stem, then up to four blocks of the ops quantize_static
-    makes integer kernels of, then a pooled or flattened Gemm head."""
+    makes integer kernels of (and Tanh, HardSwish, which onnxruntime runs in float: tables), then a pooled or
+    flattened Gemm head."""
     seed = draw(st.integers(0, 2**16))
     channels, size = draw(st.sampled_from([1, 3, 4])), draw(st.sampled_from([5, 8, 9]))
     net = FloatNet(channels, size, seed)
@@ -85,7 +86,7 @@ def networks(draw):
                 x = net.conv(net.pad(x, top, left, bottom, right), c, 3, draw(st.sampled_from([1, 2])),
                              depthwise=draw(st.booleans()), activation=draw(activations), same=False)
         elif kind == "unary":
-            x = net.activation(x, draw(st.sampled_from(["sigmoid", "leaky_relu"])))
+            x = net.activation(x, draw(st.sampled_from(["sigmoid", "leaky_relu", "tanh", "hardswish"])))
     if draw(st.booleans()):
         x = net.global_pool(x)
     return net.to_bytes(net.head(x, draw(st.integers(1, 10)))), net.shape["input"], seed
