@@ -25,7 +25,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from litert_import import add_image_arguments, compare, labelled_images, load  # noqa: E402
-from export.tflite import RESOLVERS, litert_profile_of, to_tflite  # noqa: E402
+from export.tflite import litert_profile_of, to_tflite  # noqa: E402
 from qftsim import intmodel  # noqa: E402
 
 
@@ -45,8 +45,7 @@ def main(argv=None):
         intmodel.atomic_write_bytes(Path(args.tflite), data)
     paths, labels = labelled_images(Path(args.images), args.limit)
     x = model.inputs[0].quant.quantize(load(paths))
-    resolver = RESOLVERS[litert_profile_of(model.profile)]
-    print(f"{model.profile.name:18s} {compare(model, data, resolver, x, False, labels)}")
+    print(f"{model.profile.name:18s} {compare(model, data, litert_profile_of(model.profile), x, False, labels)}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.tflite import RESOLVERS  # noqa: E402
+from export.tflite import run_tflite  # noqa: E402
 from qftsim.importers import from_tflite  # noqa: E402
 from qftsim.loaders import load_calibration  # noqa: E402
 from qftsim.sim import AccumulatorOverflowWarning, simulate  # noqa: E402
@@ -56,21 +56,6 @@ def load(paths: list[Path]) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def run_litert(model: bytes, resolver: str, x_nchw_int8: np.ndarray, channels_first: bool) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interpreter = Interpreter(model_content=model, num_threads=2,
-                              experimental_op_resolver_type=getattr(OpResolverType, resolver))
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    logits = []
-    for sample in x_nchw_int8:
-        interpreter.set_tensor(inp["index"], (sample if channels_first else sample.transpose(1, 2, 0))[None])
-        interpreter.invoke()
-        logits.append(interpreter.get_tensor(out["index"]).reshape(-1).copy())
-    return np.stack(logits)
-
-
 def add_image_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "imagenet-samples"),
                     help="a folder with labels.tsv (default ../shared/imagenet-samples)")
@@ -86,10 +71,10 @@ def simulated_logits(model, x: np.ndarray) -> tuple[np.ndarray, float]:
     return ours, time.time() - t0
 
 
-def compare(model, model_bytes: bytes, resolver: str, x: np.ndarray, channels_first: bool, labels) -> str:
+def compare(model, model_bytes: bytes, profile: str, x: np.ndarray, channels_first: bool, labels) -> str:
     """One line: the logits of LiteRT and of the simulator on x, how many differ, both top-1, both times."""
     t0 = time.time()
-    theirs = run_litert(model_bytes, resolver, x, channels_first)
+    theirs = run_tflite(model_bytes, profile, x, channels_first).reshape(len(x), -1)
     t_engine = time.time() - t0
     ours, t_sim = simulated_logits(model, x)
     ours = ours.reshape(theirs.shape)
@@ -114,7 +99,7 @@ def main(argv=None):
         model = from_tflite(model_bytes, profile)
         x = model.inputs[0].quant.quantize(images)
         channels_first = _input_is_nchw(model_bytes)
-        print(f"{profile:18s} {compare(model, model_bytes, RESOLVERS[profile], x, channels_first, labels)}  "
+        print(f"{profile:18s} {compare(model, model_bytes, profile, x, channels_first, labels)}  "
               f"(channels-first input: {channels_first})")
 
 def _input_is_nchw(model: bytes) -> bool:

@@ -20,7 +20,7 @@ from qftsim import arith
 from qftsim.errors import QftsimError
 from qftsim.importers import engine_multipliers
 from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
-from qftsim.onnx_import import _modules, _OnnxImporter, annotations, executed_graph
+from qftsim.onnx_import import _modules, importer_of
 
 OPSET = 17
 
@@ -138,7 +138,7 @@ class _Writer:
 
     def check_round_trip(self, data: bytes) -> None:
         """Import the file with the model's profile: every node must come back with the model's integers."""
-        importer = _OnnxImporter(executed_graph(data, "<export>"), self.profile, "<export>", annotations(data))
+        importer = importer_of(data, self.profile, "<export>")
         try:
             back = importer.run()
         except QftsimError as exc:

@@ -41,19 +41,20 @@ def to_tflite(model: IntModel) -> bytes:
     return data
 
 
-def run_tflite(data: bytes, profile: str, x: np.ndarray) -> np.ndarray:
-    """The first output's integers of a written .tflite, run by LiteRT with the profile's kernels on the
-    IntModel's (batch, C, H, W) input integers (one sample at a time, as the file's batch is one); a 4-D
-    output comes back channels first."""
+def run_tflite(data: bytes, profile: str, x: np.ndarray, channels_first: bool = False) -> np.ndarray:
+    """The first output's integers of a .tflite, run by LiteRT with the profile's kernels on an IntModel's
+    (batch, C, H, W) input integers (one sample at a time, as the file's batch is one), transposed to NHWC
+    unless the file takes them channels first (litert-torch's models); a 4-D output comes back channels first."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=data, num_threads=1,
+    interpreter = Interpreter(model_content=data, num_threads=2,
                               experimental_op_resolver_type=getattr(OpResolverType, RESOLVERS[profile]))
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     results = []
     for sample in x:
-        interpreter.set_tensor(inp["index"], (sample.transpose(1, 2, 0) if sample.ndim == 3 else sample)[None])
+        nhwc = sample.ndim == 3 and not channels_first
+        interpreter.set_tensor(inp["index"], (sample.transpose(1, 2, 0) if nhwc else sample)[None])
         interpreter.invoke()
         y = interpreter.get_tensor(out["index"])[0]
         results.append(y.transpose(2, 0, 1) if y.ndim == 3 else y)

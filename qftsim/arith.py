@@ -611,8 +611,7 @@ def mul_float32_zero_point(product, factor: np.float32, zero_out: int):
     float32 (r = s_a s_b / s_c in float32), the centred product exact in float32 (below 2^24); a value past
     int32 converts as x86 converts it (`float32_to_int32`)."""
     p = product.detach().cpu().numpy() if _is_torch(product) else np.asarray(product)
-    w = (p.astype(np.float32) * np.float32(factor)).astype(np.float32) + np.float32(zero_out)
-    y = float32_to_int32(w.astype(np.float32))
+    y = float32_to_int32(p.astype(np.float32) * np.float32(factor) + np.float32(zero_out))  # float32 steps
     return torch.from_numpy(y) if _is_torch(product) else y
 
 

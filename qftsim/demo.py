@@ -19,9 +19,6 @@ from qftsim.sim import AccumulatorOverflowWarning, simulate
 from qftsim.zoo import load_mnist, reference_network
 
 
-ENGINES = {"tvm": "compiled (TVM)", "tflite": "LiteRT", "onnx": "onnxruntime"}
-
-
 def run_demo(profile_name: str = "int8-default", out: str | Path = "qftsim-demo", epochs: int = 4,
              progress: bool = True, target: str = "host", network: str = "mobilenetv2", fmt: str = "tvm") -> dict:
     """Train/load `network` (a zoo reference network), quantize (rtn and QFT), simulate, export (`fmt`: a TVM
@@ -106,7 +103,7 @@ def _engine_check(fmt: str, profile) -> str:
         from export.onnx import onnxruntime_profile_of
 
         return f"onnxruntime ({onnxruntime_profile_of(profile)}'s kernels)"
-    return ENGINES[fmt]
+    return "compiled (TVM)"
 
 
 def _export(fmt: str, int_model, out: Path, target: str):

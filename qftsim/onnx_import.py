@@ -33,8 +33,6 @@ ELEMENTWISE = ("Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Sub
                "Erf", "Elu", "Softplus", "Exp", "Neg", "Abs", "Sqrt", "Pow")
 # ops that keep their input's quantization (a tensor's quantization is read through them from a consumer's)
 PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Split", "Slice", "Concat", "Clip")
-TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
-_INT8_TYPES = {2: False, 3: True}  # onnx TensorProto UINT8, INT8 -> signed
 
 
 def _modules():
@@ -57,17 +55,34 @@ def from_onnx(source: str | Path | bytes, profile: str | HardwareProfile) -> Int
             data = Path(source).read_bytes()
         except OSError as exc:
             raise QftsimError(f"{source}: cannot read ({exc.strerror})") from None
-    return _OnnxImporter(executed_graph(data, name), load_profile(profile), name, annotations(data)).run()
+    return importer_of(data, load_profile(profile), name).run()
 
 
-def annotations(data: bytes) -> dict[str, TensorQuant]:
-    """The tensor quantizations a model states in its graph's quantization_annotation (ONNX's record of the
+def importer_of(data: bytes, profile: HardwareProfile, name: str) -> "_OnnxImporter":
+    """The importer of a model's bytes: the graph onnxruntime executes for them (its fusions applied), and
+    the quantizations the file states for tensors no QLinear op reads (its quantization_annotation)."""
+    onnx, _ = _modules()
+    try:
+        written = onnx.load_from_string(data)
+    except Exception:  # protobuf's DecodeError and friends
+        raise QftsimError(f"{name}: not an ONNX model (unreadable protobuf)") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "executed.onnx")
+        try:
+            session(data, path, extended_only=True)
+        except Exception as exc:
+            raise QftsimError(f"{name}: onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}") from None
+        executed = onnx.load(path)
+    return _OnnxImporter(executed, profile, name, annotations(written))
+
+
+def annotations(model) -> dict[str, TensorQuant]:
+    """The tensor quantizations a ModelProto states in its graph's quantization_annotation (ONNX's record of the
     scale and zero point of a tensor that no QLinear op reads, such as a table lookup's output)."""
     onnx, _ = _modules()
-    graph = onnx.load_from_string(data).graph
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     out = {}
-    for note in graph.quantization_annotation:
+    for note in model.graph.quantization_annotation:
         names = {e.key: e.value for e in note.quant_parameter_tensor_names}
         scale, zero = consts.get(names.get("SCALE_TENSOR")), consts.get(names.get("ZERO_POINT_TENSOR"))
         if scale is not None and zero is not None and zero.dtype in (np.uint8, np.int8):
@@ -87,22 +102,6 @@ def session(model: bytes, optimized_path: str | None = None, extended_only: bool
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def executed_graph(data: bytes, name: str):
-    """The onnx ModelProto of the graph onnxruntime executes for `data` (its fusions applied)."""
-    onnx, _ = _modules()
-    try:
-        onnx.load_from_string(data)
-    except Exception:  # protobuf's DecodeError and friends
-        raise QftsimError(f"{name}: not an ONNX model (unreadable protobuf)") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "executed.onnx")
-        try:
-            session(data, path, extended_only=True)
-        except Exception as exc:
-            raise QftsimError(f"{name}: onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}") from None
-        return onnx.load(path)
 
 
 class _OnnxImporter:
@@ -255,9 +254,9 @@ class _OnnxImporter:
                         continue
                     if c.op_type == "QuantizeLinear":
                         ends.append(c)
-                    elif (c.op_type in ELEMENTWISE or c.op_type == "Flatten") and all(i in inside or i == "" or (i in self.consts and
-                                                          self.consts[i].size == 1) or i in producer and
-                                                          producer[i].op_type in ELEMENTWISE for i in c.input):
+                    elif (c.op_type in ELEMENTWISE or c.op_type == "Flatten") and all(
+                            i in inside or i == "" or i in self.consts and self.consts[i].size == 1
+                            or i in producer and producer[i].op_type in ELEMENTWISE for i in c.input):
                         region.append(c)
                         inside.update(c.output)
                         frontier.extend(c.output)
@@ -282,19 +281,10 @@ class _OnnxImporter:
         dq, *region, q = self.regions[node.output[0]]
         x = self._input(node, 0)
         q_in, q_out = self.quant[x], self._tensor_quant(q, q.input[1], q.input[2])
-        helper, tp = self.onnx.helper, self.onnx.TensorProto
-        codes = np.arange(q_in.qmin, q_in.qmax + 1).astype(q_in.dtype).reshape(1, -1)
         renamed = self.onnx.NodeProto()
         renamed.CopyFrom(dq)
         renamed.input[0] = "codes"
-        names = {i for n in [dq, *region, q] for i in n.input if i in self.consts}
-        graph = helper.make_graph(
-            [renamed, *region, q], "region", [helper.make_tensor_value_info("codes", tp.INT8 if q_in.signed else tp.UINT8,
-                                                                         codes.shape)],
-            [helper.make_tensor_value_info(q.output[0], tp.INT8 if q_out.signed else tp.UINT8, None)],
-            [self.onnx.numpy_helper.from_array(self.consts[n], n) for n in sorted(names)])
-        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
-        table = session(model.SerializeToString()).run(None, {"codes": codes})[0].reshape(-1).astype(np.int64)
+        table = self._run_on_codes([renamed, *region, q], q.output[0], q_in, q_out, list(self.model.opset_import))
         flatten = [n for n in region if n.op_type == "Flatten"]
         if not flatten:
             self._table_node(node, node.output[0], x, table, q_out)
@@ -421,21 +411,25 @@ class _OnnxImporter:
         self._emit(node.output[0], "mul", [xa, xb], q_out, shape, {"clamp": [q_out.qmin, q_out.qmax]},
                    {"multiplier": m, "shift": t})
 
-    def _engine_table(self, op_type: str, names: list[str], attrs: dict, q_in: TensorQuant) -> np.ndarray:
-        """The engine's outputs of an op whose only tensor input ("codes" in `names`, the others the node's own
-        constants) takes every input code."""
+    def _run_on_codes(self, nodes: list, out: str, q_in: TensorQuant, q_out: TensorQuant, opsets=None) -> np.ndarray:
+        """What the engine gives at `out` when `nodes` (whose only tensor input is "codes"; every other input one
+        of the file's constants) take every code of q_in: a table."""
         helper, tp = self.onnx.helper, self.onnx.TensorProto
         codes = np.arange(q_in.qmin, q_in.qmax + 1).astype(q_in.dtype).reshape(1, -1)
-        consts = [self.onnx.numpy_helper.from_array(self.consts[n], n) for n in dict.fromkeys(names)
-                  if n and n != "codes"]
-        element = tp.INT8 if q_in.signed else tp.UINT8  # QLinear ops give their input's type
+        consts = sorted({i for n in nodes for i in n.input if i in self.consts})
         graph = helper.make_graph(
-            [helper.make_node(op_type, names, ["out"], domain="com.microsoft", **attrs)], "table",
-            [helper.make_tensor_value_info("codes", element, codes.shape)],
-            [helper.make_tensor_value_info("out", element, None)], consts)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])
+            nodes, "table", [helper.make_tensor_value_info("codes", tp.INT8 if q_in.signed else tp.UINT8, codes.shape)],
+            [helper.make_tensor_value_info(out, tp.INT8 if q_out.signed else tp.UINT8, None)],
+            [self.onnx.numpy_helper.from_array(self.consts[n], n) for n in consts])
+        opsets = opsets or [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets)
         return session(model.SerializeToString()).run(None, {"codes": codes})[0].reshape(-1).astype(np.int64)
+
+    def _engine_table(self, op_type: str, names: list[str], attrs: dict, q_in: TensorQuant,
+                      q_out: TensorQuant) -> np.ndarray:
+        """The engine's table of one com.microsoft op whose only tensor input is "codes" in `names`."""
+        node = self.onnx.helper.make_node(op_type, names, ["out"], domain="com.microsoft", **attrs)
+        return self._run_on_codes([node], "out", q_in, q_out)
 
     def _table_node(self, node, out: str, x: str, table: np.ndarray, q_out: TensorQuant) -> None:
         self._emit(out, "lut", [x], q_out, self.shape[x], {}, {"table": table.astype(q_out.dtype)})
@@ -443,7 +437,8 @@ class _OnnxImporter:
     def _unary_table(self, node):
         x = self._input(node, 0)
         q_out = self._tensor_quant(node, node.input[3], node.input[4])
-        table = self._engine_table(node.op_type, ["codes"] + list(node.input[1:]), self._attrs(node), self.quant[x])
+        table = self._engine_table(node.op_type, ["codes"] + list(node.input[1:]), self._attrs(node), self.quant[x],
+                                   q_out)
         self._table_node(node, node.output[0], x, table, q_out)
 
     _op_QLinearSigmoid = _op_QLinearLeakyRelu = _unary_table
@@ -469,7 +464,7 @@ class _OnnxImporter:
             q = self._tensor_quant(node, node.input[k + 1], node.input[k + 2])
             if q != q_out:  # rescaled by the engine's QuantizeLinear(DequantizeLinear(x)): a table
                 names = [node.input[0], node.input[1], "codes", node.input[k + 1], node.input[k + 2]]
-                table = self._engine_table("QLinearConcat", names, {"axis": 1}, q)
+                table = self._engine_table("QLinearConcat", names, {"axis": 1}, q, q_out)
                 self._table_node(node, f"{node.output[0]}_in{k // 3}", x, table, q_out)
                 x = f"{node.output[0]}_in{k // 3}"
             parts.append(x)

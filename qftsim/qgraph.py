@@ -389,8 +389,9 @@ class QGraph(nn.Module):
         single_multiplier (XNNPACK): each input by an integer of about 21 bits (shift 0), the sum by 2^-s."""
         s_a, s_b = (self.act_scale(i) for i in n.inputs)
         if self.arithmetic(n).form == "float32_fma":  # onnxruntime: float32 ratios of the float32 scales
-            ratios = [self.multipliers(arith.engine_real(s, torch.ones_like(s), self.act_scale(n.name), "float32").reshape(1),
-                                       "float32") for s in (s_a, s_b)]
+            s_out = self.act_scale(n.name)
+            ratios = [self.multipliers(arith.engine_real(s, torch.ones_like(s), s_out, "float32").reshape(1), "float32")
+                      for s in (s_a, s_b)]
             return [*ratios, (torch.ones(1, dtype=s_a.dtype), np.ones(1, np.int64), np.zeros(1, np.int64))]
         if self.arithmetic(n).form == "single_multiplier":
             ratios = [s / self.act_scale(n.name) for s in (s_a, s_b)]
@@ -415,7 +416,7 @@ class QGraph(nn.Module):
                  for x, name in zip(xs, n.inputs)]
         if op.form == "float32_fma" and not self.training:  # the raw inputs, as onnxruntime's kernel takes them
             zero_a, zero_b = (int(self.zero_points[self.quant_source[name]]) for name in n.inputs)
-            ratios = arith.float32_factors([int(mi[0]) for _, mi, _ in rescales], [int(ti[0]) for _, _, ti in rescales])
+            ratios = arith.float32_factors(*zip(*[(int(mi[0]), int(ti[0])) for _, mi, ti in rescales]))
             y = arith.add_float32_fma(xs[0].double(), xs[1].double(), *ratios, zero_a, zero_b,
                                       int(self.zero_points[n.name]))
             return torch.clamp(y.to(xs[0].dtype), *self.clamp_bounds(n.name, n.act))

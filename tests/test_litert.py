@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from export.tflite import RESOLVERS
 from qftsim import QftsimError
 from qftsim.importers import _TfliteImporter, from_tflite
 from qftsim.profile import load_profile
@@ -30,11 +31,7 @@ litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-liter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "litert"
 RANDOM_SAMPLES = 24  # random inputs per fixture, besides the four edge inputs
-ENGINES = {
-    "litert-reference": litert.OpResolverType.BUILTIN_REF,
-    "litert-optimized": litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    "litert-xnnpack": litert.OpResolverType.AUTO,
-}
+ENGINES = {profile: getattr(litert.OpResolverType, name) for profile, name in RESOLVERS.items()}
 
 
 def edge_inputs(shape, zero_point: int, rng: np.random.Generator, random: int = 3) -> np.ndarray:

@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 pytest.importorskip("onnx")
 
 from qftsim import QftsimError, arith  # noqa: E402
-from qftsim.onnx_import import _OnnxImporter, annotations, executed_graph, from_onnx, session  # noqa: E402
+from qftsim.onnx_import import _OnnxImporter, from_onnx, importer_of, session  # noqa: E402
 from qftsim.profile import load_profile  # noqa: E402
 from qftsim.sim import AccumulatorOverflowWarning, simulate  # noqa: E402
 from tests.onnx_models import FloatNet, quantize  # noqa: E402
@@ -100,15 +100,15 @@ def edge_inputs(shape, rng: np.random.Generator, zero_point: int, random: int = 
     return np.stack(batch).astype(np.uint8)
 
 
-def integer_graph(executed, importer: _OnnxImporter):
+def integer_graph(importer: _OnnxImporter):
     """The executed graph with its float edges cut: it takes the integer input and gives every integer tensor
     the importer mapped (onnxruntime then computes exactly those, each as an output), but an op's value
     before a Clip the importer folded into that op's clamp."""
     import onnx
 
-    graph = executed.graph
+    graph = importer.model.graph  # the graph onnxruntime executes
     model = onnx.ModelProto()
-    model.CopyFrom(executed)
+    model.CopyFrom(importer.model)
     g = model.graph
     float_input, outputs = g.input[0].name, {o.name for o in g.output}
     edges = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == float_input
@@ -130,14 +130,13 @@ def integer_graph(executed, importer: _OnnxImporter):
 def compare_with_onnxruntime(model_bytes: bytes, x: np.ndarray, tally: Tally = TALLY) -> int:
     """Import `model_bytes`, simulate it and count the elements that differ from onnxruntime: every integer
     tensor of the executed graph, and the deployed (float in, float out) model's outputs."""
-    executed = executed_graph(model_bytes, "<test>")
-    importer = _OnnxImporter(executed, load_profile(PROFILE), "<test>", annotations(model_bytes))
+    importer = importer_of(model_bytes, load_profile(PROFILE), "<test>")
     int_model = importer.run()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccumulatorOverflowWarning)
         ours = simulate(int_model, x, keep_tensors=True).tensors
     ops = {n.name: "depthwise_conv2d" if n.attrs.get("depthwise") else n.op for n in int_model.nodes}
-    exposed, input_name, names = integer_graph(executed, importer)
+    exposed, input_name, names = integer_graph(importer)
     engine = session(exposed.SerializeToString())
     differ = 0
     for sample in range(len(x)):
