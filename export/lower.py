@@ -119,21 +119,23 @@ def lower(model: IntModel, vnni: bool = False) -> tvm.IRModule:
     return bb.get()
 
 
-def unlowered_arithmetic(profile) -> str | None:
-    """What of the profile's arithmetic has no TVM lowering yet (onnxruntime's float32 add and mul), or None."""
-    if profile.arithmetic("add").form == "float32_fma":
-        return "add form float32_fma (onnxruntime's QLinearAdd)"
-    if profile.arithmetic("mul").zero_point == "float32":
-        return "mul zero_point float32 (onnxruntime's QLinearMul)"
-    return None
+def unlowered_arithmetic(profile) -> dict[str, str]:
+    """The ops whose arithmetic in this profile has no TVM lowering yet (onnxruntime's float32 add, mul and
+    average pool), each with what of it is missing."""
+    missing = {"add": profile.arithmetic("add").form == "float32_fma" and "add form float32_fma (QLinearAdd)",
+               "mul": profile.arithmetic("mul").zero_point == "float32" and "mul zero_point float32 (QLinearMul)",
+               "avgpool2d": profile.arithmetic("avgpool2d").domain == "float32"
+               and "avgpool2d domain float32 (QLinearAveragePool)"}
+    return {op: what for op, what in missing.items() if what}
 
 
 def lower_into(bb: relax.BlockBuilder, model: IntModel, func_name: str, vnni: bool = False) -> None:
     """Add `model` to `bb` as the function `func_name` (one module may hold many models)."""
     missing = unlowered_arithmetic(model.profile)
-    if missing and any(n.op in ("add", "mul") for n in model.nodes):
-        raise QftsimError(f"profile {model.profile.name}: {missing} has no TVM lowering yet; simulate the model, or "
-                          "run it in its own engine")
+    used = [missing[op] for op in dict.fromkeys(n.op for n in model.nodes) if op in missing]
+    if used:
+        raise QftsimError(f"profile {model.profile.name}: {', '.join(used)} has no TVM lowering yet; simulate the "
+                          "model, or run it in its own engine (onnxruntime)")
     batch = tirx.Var("batch", "int64")  # symbolic: one library serves every batch size
     params = [relax.Var(i.name, relax.TensorType((batch,) + tuple(i.shape), i.quant.dtype.name))
               for i in model.inputs]

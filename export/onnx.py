@@ -18,7 +18,6 @@ import numpy as np
 from export.engines import engine_weight_scales, node_differences, shipped_profile_of
 from qftsim import arith
 from qftsim.errors import QftsimError
-from qftsim.importers import engine_multipliers
 from qftsim.intmodel import IntModel, Node, TensorQuant, node_arithmetic
 from qftsim.onnx_import import _modules, importer_of
 
@@ -231,30 +230,11 @@ class _Writer:
         self._expect(node)
 
     def _write_avgpool2d(self, node: Node) -> None:
-        """A global average pool as QLinearGlobalAveragePool, where that kernel's float32 1/N gives the pool's
-        own integers for every window sum there can be (checked exhaustively; ties may round otherwise)."""
         a, (src,) = node.attrs, node.inputs
-        c, h, w = self.model.shapes[src]
-        q = self.model.quant_of(src)
-        if a["kernel"] != [h, w] or a["padding"] != [0, 0, 0, 0] or node.quant != q:
-            raise self._fail(node, "an average pool that is not global (QLinearAveragePool's arithmetic is not "
-                             "measured yet)")
-        count = h * w
-        m, t = engine_multipliers(self.profile, "mean", q.scale, np.ones(1, dtype=np.float32), q.scale,
-                                  divisor=count)
-        totals = np.arange(count * (q.qmin - q.zero_point), count * (q.qmax - q.zero_point) + 1, dtype=np.int64)
-        op = node_arithmetic(node, self.profile)
-        pooled = arith.average(totals, count, q.zero_point, op.rounding, op.domain)
-        mean = np.clip(arith.requantize(totals, int(m[0]), int(t[0]), "half_even", scheme="float32") + q.zero_point,
-                       q.qmin, q.qmax)
-        if not np.array_equal(pooled, mean):
-            raise self._fail(node, f"a global average pool that onnxruntime's float32 1/{count} rounds otherwise "
-                             f"for {int((pooled != mean).sum())} window sums")
-        self._op("QLinearGlobalAveragePool", self._input_quant(src) + self._quant(node.name, node.quant), node.name,
-                 domain="com.microsoft", channels_last=0)
-        as_mean = Node(node.name, "mean", [src], node.quant, {"axes": [2, 3], "keepdim": True, "clamp": [q.qmin, q.qmax]},
-                       {"multiplier": m, "shift": t})
-        self.expected.append((as_mean, (c, 1, 1), ()))
+        self._op("QLinearAveragePool", self._input_quant(src) + self._quant(node.name, node.quant), node.name,
+                 domain="com.microsoft", kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"],
+                 count_include_pad=int(a["count_include_pad"]), channels_last=0)
+        self._expect(node)
 
     def _write_clamp(self, node: Node) -> None:
         (src,) = node.inputs

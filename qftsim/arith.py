@@ -676,6 +676,41 @@ def average(total, count, zero_point: int, rounding: str, domain: str):
     return divide_rounded(total, count, rounding) + zero_point
 
 
+def average_float32(x, s_in: float, zero_in: int, s_out: float, zero_out: int, kernel, stride, padding,
+                    count_include_pad: bool):
+    """onnxruntime's QLinearAveragePool on (N, C, H, W) codes (numpy, or torch: float64 back), unclamped.
+
+    Each code is dequantized in float32, s_in * (q - z_in); a window's values are summed in float32 in row
+    order, padding skipped; the sum is divided by the window's count, then by s_out, in float32; z_out is
+    added in float32 and the result rounded to even (x86's conversion: -2^31 outside int32). A window over the
+    whole input without padding the engine computes as QLinearGlobalAveragePool: the integer sum of the
+    centred codes times float32(s_in / (s_out * count)), rounded to even, plus z_out.
+    """
+    codes = x.detach().numpy() if _is_torch(x) else np.asarray(x)
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, stride, padding
+    h, w = codes.shape[2:]
+    if [kh, kw] == [h, w] and not any(padding):
+        m, t = float_multipliers(engine_real(s_in, 1.0, s_out, "float32", divisor=h * w), "float32")
+        total = (codes.astype(np.float64) - zero_in).sum(axis=(2, 3), keepdims=True)
+        y = requantize(total, int(m), int(t), "half_even", scheme="float32") + zero_out
+    else:
+        values = (codes.astype(np.int64) - zero_in).astype(np.float32) * np.float32(s_in)
+        values = np.pad(values, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        inside = np.pad(np.ones((h, w), dtype=np.int64), ((pt, pb), (pl, pr)))
+        ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+        total = np.zeros(codes.shape[:2] + (ho, wo), dtype=np.float32)
+        count = np.zeros((ho, wo), dtype=np.int64)
+        for i in range(kh):  # one float32 add per window position, in the kernel's order (a pad's 0 adds nothing)
+            for j in range(kw):
+                window = (slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
+                total = total + values[(Ellipsis,) + window]
+                count += inside[window]
+        if count_include_pad:
+            count[:] = kh * kw
+        y = float32_to_int32(total / count.astype(np.float32) / np.float32(s_out) + np.float32(zero_out))
+    return torch.from_numpy(np.asarray(y, dtype=np.float64)) if _is_torch(x) else y
+
+
 # ---------------------------------------------------------------- resizing
 
 # The bilinear weights' fraction bits and the rounding of the weighted sum, per form (a profile's

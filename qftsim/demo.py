@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qftsim.errors import QftsimError
 from qftsim.intmodel import atomic_write_bytes
 from qftsim.profile import load_profile
 from qftsim.qft import quantize_graph
@@ -103,6 +104,12 @@ def _engine_check(fmt: str, profile) -> str:
         from export.onnx import onnxruntime_profile_of
 
         return f"onnxruntime ({onnxruntime_profile_of(profile)}'s kernels)"
+    from export.lower import unlowered_arithmetic
+
+    missing = unlowered_arithmetic(profile)
+    if missing:
+        raise QftsimError(f"profile {profile.name}: {', '.join(missing.values())} has no TVM lowering yet; "
+                          "end the demo in its own engine (--format onnx)")
     return "compiled (TVM)"
 
 

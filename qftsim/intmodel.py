@@ -664,7 +664,11 @@ def _check_pool(node, profile, in_shapes, in_quants):
     pt, pl, pb, pr = _ints(node, "padding", 4)
     if min(kh, kw, sh, sw) < 1 or min(pt, pl, pb, pr) < 0 or max(pt, pb) >= kh or max(pl, pr) >= kw:
         raise _err(node, "kernel and stride must be >= 1 and padding smaller than the kernel")
-    _check_same_quant(node, in_quants)
+    if node.op == "avgpool2d" and node_arithmetic(node, profile).domain == "float32":
+        if (in_quants[0].bits, in_quants[0].signed) != (node.quant.bits, node.quant.signed):
+            raise _err(node, "output must have the input's integer type (its scale and zero point may differ)")
+    else:
+        _check_same_quant(node, in_quants)
     return (shape[0], _window_out(node, shape[1], kh, sh, pt + pb), _window_out(node, shape[2], kw, sw, pl + pr))
 
 

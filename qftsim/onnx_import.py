@@ -24,9 +24,9 @@ from qftsim.intmodel import IntModel, ModelInput, Node, TensorQuant
 from qftsim.profile import HardwareProfile, load_profile
 
 ONNX_OPS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-            "QLinearGlobalAveragePool", "QLinearConcat", "MaxPool", "Resize", "Reshape", "Flatten", "Split",
-            "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "Pad", "QuantizeLinear", "DequantizeLinear",
-            "ElementwiseFloat")
+            "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "MaxPool", "Resize", "Reshape",
+            "Flatten", "Split", "Slice", "Concat", "Clip", "Cast", "Add", "Gather", "Pad", "QuantizeLinear",
+            "DequantizeLinear", "ElementwiseFloat")
 # float ops onnxruntime runs between a DequantizeLinear and a QuantizeLinear that act on each element alone (with
 # scalar constants): such a region is a function of one input code, a table read from the engine
 ELEMENTWISE = ("Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Sub", "Div", "Relu", "Clip", "LeakyRelu",
@@ -474,19 +474,34 @@ class _OnnxImporter:
         shape[axis] = sum(self.shape[p][axis] for p in parts)
         self._emit(node.output[0], "concat", parts, q_out, tuple(shape), {"axis": axis})
 
-    def _op_MaxPool(self, node):
+    def _window(self, node, x: str) -> tuple[dict, tuple]:
+        """A 2-D pool's kernel, stride and padding ([top, left, bottom, right], ONNX's order too) and its output
+        shape; ceil_mode, dilation, indices, auto_pad and channels_last are refused."""
         a = self._attrs(node)
-        x = self._input(node, 0)
         if a.get("ceil_mode") or any(d != 1 for d in a.get("dilations", [1, 1])) or len(node.output) > 1 \
-                or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise self._fail(node, "has ceil_mode, dilation, indices or auto_pad; qftsim imports plain max pooling")
+                or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("channels_last") \
+                or len(a["kernel_shape"]) != 2:
+            raise self._fail(node, "has ceil_mode, dilation, indices, auto_pad, channels_last or is not 2-D; qftsim "
+                             "imports plain 2-D pooling")
         kernel = list(a["kernel_shape"])
         stride, padding = list(a.get("strides", [1, 1])), list(a.get("pads", [0, 0, 0, 0]))
         n, c, h, w = self.shape[x]
         ho = (h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1
         wo = (w + padding[1] + padding[3] - kernel[1]) // stride[1] + 1
-        self._emit(node.output[0], "maxpool2d", [x], self.quant[x], (n, c, ho, wo),
-                   {"kernel": kernel, "stride": stride, "padding": padding})
+        return {"kernel": kernel, "stride": stride, "padding": padding}, (n, c, ho, wo)
+
+    def _op_MaxPool(self, node):
+        x = self._input(node, 0)
+        attrs, shape = self._window(node, x)
+        self._emit(node.output[0], "maxpool2d", [x], self.quant[x], shape, attrs)
+
+    def _op_QLinearAveragePool(self, node):
+        """onnxruntime's float32 average pool (the profile's avgpool2d domain float32), its own output scale."""
+        x = self._input(node, 0)
+        attrs, shape = self._window(node, x)
+        attrs["count_include_pad"] = bool(self._attrs(node).get("count_include_pad", 0))
+        self._emit(node.output[0], "avgpool2d", [x], self._tensor_quant(node, node.input[3], node.input[4]), shape,
+                   attrs)
 
     def _op_Resize(self, node):
         a = self._attrs(node)

@@ -112,8 +112,10 @@ _OP_ARITHMETIC_FIELDS = {
     # `q11` (XNNPACK), float32 positions, weights rounded to 1/2048, the sum rounded half up.
     "form": _Field(str, choices=("tflite", "single_multiplier", "float32_fma", "q11")),
     # avgpool2d: round the window's mean of the centred values, or of the raw ones (zero point included,
-    # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently.
-    "domain": _Field(str, choices=("centred", "raw")),
+    # as TFLite's AVERAGE_POOL_2D does), which breaks ties differently; or `float32`, onnxruntime's
+    # QLinearAveragePool: the dequantized values summed and divided in float32, the output of its own scale
+    # (arith.average_float32).
+    "domain": _Field(str, choices=("centred", "raw", "float32")),
     # Vector kernels that requantize whole blocks of output channels one way and the last channels (past
     # the last whole block) another: TFLite's optimized depthwise conv, 8 channels upward, the rest gemmlowp.
     "channel_block": _Field(int, lo=1, hi=64),
@@ -419,6 +421,9 @@ def _parse_arithmetic(source: str, data: Any) -> dict:
             raise _fail(source, f"arithmetic.{op}.zero_point", "a zero point added in float32 needs scheme float32")
         if fields.get("form") == "float32_fma" and rounding not in (None, "half_even"):
             raise _fail(source, f"arithmetic.{op}.rounding", "the float32_fma add rounds as a CPU converts "
+                        "float32 to integers: half_even")
+        if fields.get("domain") == "float32" and rounding not in (None, "half_even"):
+            raise _fail(source, f"arithmetic.{op}.rounding", "the float32 average pool rounds as a CPU converts "
                         "float32 to integers: half_even")
         out[op] = dict(fields)
     return out

@@ -488,6 +488,12 @@ class _Simulator:
     def _avgpool2d(self, node, xs, in_quants):
         (x,), (q,) = xs, in_quants
         a = node.attrs
+        op = node_arithmetic(node, self.profile)
+        if op.domain == "float32":  # onnxruntime's QLinearAveragePool: its output has a quantization of its own
+            y = arith.average_float32(x, q.scale, q.zero_point, node.quant.scale, node.quant.zero_point, a["kernel"],
+                                      a["stride"], a["padding"], a["count_include_pad"])
+            self.report.append(LayerReport(node.name, node.op, y.numel()))
+            return y.clamp(node.quant.qmin, node.quant.qmax)
         kh, kw = a["kernel"]
         pt, pl, pb, pr = a["padding"]
         dtype = _float_dtype_for(kh * kw * max_abs_centered(q)) or torch.float64
@@ -501,7 +507,6 @@ class _Simulator:
             count = kh * kw
         else:
             count = window_sum(torch.ones_like(x[:1, :1]))
-        op = node_arithmetic(node, self.profile)
         y = arith.average(total, count, q.zero_point, op.rounding, op.domain)
         self.report.append(LayerReport(node.name, node.op, y.numel()))
         return y

@@ -7,6 +7,8 @@ seed (fast, reproducible, and hypothesis still shrinks the structure).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import assume, strategies as st
 
@@ -62,8 +64,9 @@ def profiles(draw, compiled: bool = False) -> HardwareProfile:
         if draw(st.booleans()):
             arithmetic["resize"] = {"form": draw(st.sampled_from(["tflite", "q11"]))}
         if draw(st.booleans()):
-            arithmetic["avgpool2d"] = {"domain": draw(st.sampled_from(["raw", "centred"])),
-                                       "rounding": draw(st.sampled_from(ROUNDING_MODES))}
+            domain = draw(st.sampled_from(["raw", "centred"] + ([] if compiled else ["float32"])))
+            arithmetic["avgpool2d"] = {"domain": domain, "rounding": "half_even" if domain == "float32"
+                                       else draw(st.sampled_from(ROUNDING_MODES))}
     try:
         return HardwareProfile.from_dict(d)
     except QftsimError:
@@ -181,9 +184,13 @@ def int_models(draw, max_ops: int = 5, profile: HardwareProfile | None = None, c
             ho = (h + pad[0] + pad[2] - kh) // stride[0] + 1
             wo = (w + pad[1] + pad[3] - kw) // stride[1] + 1
             attrs = {"kernel": [kh, kw], "stride": stride, "padding": pad}
+            out_q = q
             if op == "avgpool2d":
                 attrs["count_include_pad"] = draw(st.booleans())
-            current = b.add(name, op, [current], q, attrs, None, (c, ho, wo))
+                if p.arithmetic("avgpool2d").domain == "float32" and draw(st.booleans()):  # a scale of its own
+                    out_q = dataclasses.replace(b.quant(), signed=q.signed)
+                    out_q = dataclasses.replace(out_q, zero_point=min(max(out_q.zero_point, q.qmin), q.qmax))
+            current = b.add(name, op, [current], out_q, attrs, None, (c, ho, wo))
         elif op == "add":
             partners = [t for t, s in b.shapes.items() if s == shape]
             other = draw(st.sampled_from(partners))

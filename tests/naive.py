@@ -103,6 +103,25 @@ def ort_mul(product: int, m: int, t: int, zero_out: int) -> int:
     return cpu_float_to_int(f32(f32(product * (Fraction(m) / Fraction(2) ** t)) + zero_out))
 
 
+def ort_average(window: list[int], count: int, s_in: float, zero_in: int, s_out: float, zero_out: int) -> int:
+    """onnxruntime's QLinearAveragePool of one window from its definition: each code dequantized in float32,
+    the values summed in float32 in order, divided by the count and then by s_out, z_out added, each step
+    rounded to float32, then converted."""
+    f32 = lambda v: to_float(v, 24)  # noqa: E731
+    s_in, s_out, total = f32(Fraction(s_in)), f32(Fraction(s_out)), Fraction(0)  # the scales a file stores
+    for code in window:
+        total = f32(total + f32(s_in * (code - zero_in)))
+    return cpu_float_to_int(f32(f32(f32(total / count) / s_out) + zero_out))
+
+
+def ort_global_average(window: list[int], s_in: float, zero_in: int, s_out: float, zero_out: int) -> int:
+    """onnxruntime's QLinearGlobalAveragePool: the integer sum of the centred codes times
+    float32(s_in / float32(s_out * count)), rounded to even, plus z_out."""
+    f32 = lambda v: to_float(v, 24)  # noqa: E731
+    factor = f32(f32(Fraction(s_in)) / f32(f32(Fraction(s_out)) * len(window)))
+    return round_fraction(f32(sum(v - zero_in for v in window) * factor), "half_even") + zero_out
+
+
 def divide(x: int, n: int, rounding: str) -> int:
     return round_fraction(Fraction(x, n), rounding)
 
@@ -279,7 +298,13 @@ def run_model(model, x):
                     out[n, c, y, xx] = max(vals)
                 else:
                     count = kh * kw if a["count_include_pad"] else len(vals)
-                    if op_arith.domain == "raw":  # padding counted holds the zero point
+                    if op_arith.domain == "float32" and [kh, kw] == [h_, w_] and not any(a["padding"]):
+                        r = ort_global_average(vals, q.scale, q.zero_point, qo.scale, qo.zero_point)
+                        out[n, c, y, xx] = max(qo.qmin, min(qo.qmax, r))
+                    elif op_arith.domain == "float32":
+                        r = ort_average(vals, count, q.scale, q.zero_point, qo.scale, qo.zero_point)
+                        out[n, c, y, xx] = max(qo.qmin, min(qo.qmax, r))
+                    elif op_arith.domain == "raw":  # padding counted holds the zero point
                         out[n, c, y, xx] = divide(sum(vals) + (count - len(vals)) * q.zero_point, count, rounding)
                     else:
                         out[n, c, y, xx] = divide(sum(v - q.zero_point for v in vals), count, rounding) + q.zero_point

@@ -83,6 +83,13 @@ class FloatNet:
         return self.op("MaxPool", [x], (n, c, (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1),
                        kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)[0]
 
+    def avgpool(self, x: str, kernel: int, stride: int, pad: int, count_include_pad: bool) -> str:
+        n, c, h, w = self.shape[x]
+        return self.op("AveragePool", [x], (n, c, (h + 2 * pad - kernel) // stride + 1,
+                                            (w + 2 * pad - kernel) // stride + 1),
+                       kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4,
+                       count_include_pad=int(count_include_pad))[0]
+
     def concat(self, parts: list[str]) -> str:
         n, _, h, w = self.shape[parts[0]]
         return self.op("Concat", parts, (n, sum(self.shape[p][1] for p in parts), h, w), axis=1)[0]

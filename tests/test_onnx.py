@@ -55,8 +55,8 @@ def networks(draw):
                  draw(st.sampled_from([1, 2])), activation=draw(activations))
     for _ in range(draw(st.integers(1, 4))):
         _, c, h, _ = net.shape[x]
-        kind = draw(st.sampled_from(["conv", "depthwise", "residual", "gate", "pool", "concat", "split", "slice",
-                                     "upsample", "unary", "pad"]))
+        kind = draw(st.sampled_from(["conv", "depthwise", "residual", "gate", "pool", "avgpool", "concat", "split",
+                                     "slice", "upsample", "unary", "pad"]))
         if kind == "conv":
             x = net.conv(x, draw(st.sampled_from([1, 3, 8])), draw(st.sampled_from([1, 3, 5])),
                          draw(st.sampled_from([1, 2])) if h > 2 else 1, activation=draw(activations))
@@ -70,6 +70,10 @@ def networks(draw):
             x = net.mul(x, net.activation(net.conv(source, c, 1), "sigmoid"))
         elif kind == "pool" and h >= 3:
             x = net.maxpool(x, draw(st.sampled_from([2, 3])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([0, 1])))
+        elif kind == "avgpool" and h >= 3:  # a window over the whole input too (onnxruntime: a global pool)
+            kernel = draw(st.sampled_from([2, 3, h])) if h == net.shape[x][3] else draw(st.sampled_from([2, 3]))
+            pad = 0 if kernel == h else draw(st.sampled_from([0, 1]))
+            x = net.avgpool(x, kernel, draw(st.sampled_from([1, 2])), pad, draw(st.booleans()))
         elif kind == "concat":
             x = net.concat([net.conv(x, draw(st.sampled_from([1, 2, 3])), 1) for _ in range(2)] + [x])
         elif kind == "split" and c % 2 == 0:
@@ -176,21 +180,27 @@ def test_generated_networks_equal_onnxruntime_on_every_tensor(network, quant_for
     assert compare_with_onnxruntime(model, x) == 0
 
 
-def _qlinear(op: str, a: np.ndarray, b: np.ndarray, scales, zeros) -> np.ndarray:
-    """onnxruntime's QLinearAdd or QLinearMul on two integer tensors (a one-node QOperator model)."""
+def _one_node(op: str, tensors: dict[str, np.ndarray], inputs: list[str], constants: dict, **attrs) -> np.ndarray:
+    """onnxruntime's com.microsoft `op` on integer tensors, its other inputs the named scalar constants."""
     from onnx import TensorProto, helper, numpy_helper
 
-    element = TensorProto.INT8 if a.dtype == np.int8 else TensorProto.UINT8
+    element = {np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}
+    node = helper.make_node(op, inputs, ["y"], domain="com.microsoft", **attrs)
+    y_type = element[next(iter(tensors.values())).dtype]
+    graph = helper.make_graph([node], "op", [helper.make_tensor_value_info(k, element[v.dtype], v.shape)
+                                             for k, v in tensors.items()],
+                              [helper.make_tensor_value_info("y", y_type, None)],
+                              [numpy_helper.from_array(np.array(v), n) for n, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return session(model.SerializeToString()).run(None, tensors)[0].astype(np.int64)
+
+
+def _qlinear(op: str, a: np.ndarray, b: np.ndarray, scales, zeros) -> np.ndarray:
+    """onnxruntime's QLinearAdd or QLinearMul on two integer tensors (a one-node QOperator model)."""
     names = ["sa", "za", "sb", "zb", "sc", "zc"]
     values = [np.float32(scales[0]), a.dtype.type(zeros[0]), np.float32(scales[1]), a.dtype.type(zeros[1]),
               np.float32(scales[2]), a.dtype.type(zeros[2])]
-    node = helper.make_node(op, ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"], ["y"], domain="com.microsoft")
-    graph = helper.make_graph([node], "op", [helper.make_tensor_value_info("a", element, a.shape),
-                                             helper.make_tensor_value_info("b", element, b.shape)],
-                              [helper.make_tensor_value_info("y", element, None)],
-                              [numpy_helper.from_array(np.array(v), n) for n, v in zip(names, values)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    return session(model.SerializeToString()).run(None, {"a": a, "b": b})[0].astype(np.int64)
+    return _one_node(op, {"a": a, "b": b}, ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"], dict(zip(names, values)))
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
@@ -215,6 +225,40 @@ def test_add_and_mul_arithmetic_equal_onnxruntime(seed, signed, log_scales):
     for key, bad in differ.items():
         TALLY.add(key, a.size, bad)
     assert differ == {"add arithmetic": 0, "mul arithmetic": 0}
+
+
+@st.composite
+def pools(draw):
+    """(height, width, kernel, stride, padding, count_include_pad): windows of every placement, and a window
+    over the whole input (which onnxruntime computes as a global pool)."""
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    if draw(st.integers(0, 4)) == 0:
+        return h, w, [h, w], [1, 1], [0, 0, 0, 0], draw(st.booleans())
+    kernel = [draw(st.integers(1, min(h, 4))), draw(st.integers(1, min(w, 4)))]
+    padding = [draw(st.integers(0, k - 1)) for k in kernel * 2]
+    return h, w, kernel, [draw(st.integers(1, 3)), draw(st.integers(1, 3))], padding, draw(st.booleans())
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31), st.booleans(), st.lists(st.floats(-12, 4), min_size=2, max_size=2), pools())
+def test_average_pool_arithmetic_equals_onnxruntime(seed, signed, log_scales, pool):
+    """arith.average_float32 (QLinearAveragePool: float32 dequantized values, summed and divided in float32)
+    against the engine, over scales from 2^-12 to 2^4, drawn zero points and every window placement."""
+    h, w, kernel, stride, padding, count_include_pad = pool
+    rng = np.random.default_rng(seed)
+    dtype, (lo, hi) = (np.int8, (-128, 127)) if signed else (np.uint8, (0, 255))
+    scales = [np.float32(2.0 ** v) for v in log_scales]
+    zeros = [dtype(z) for z in rng.integers(lo, hi + 1, 2)]
+    x = np.concatenate([rng.integers(lo, hi + 1, (6, 4, h, w)), np.full((1, 4, h, w), hi),
+                        np.full((1, 4, h, w), lo)]).astype(dtype)
+    ours = np.clip(arith.average_float32(x, scales[0], int(zeros[0]), scales[1], int(zeros[1]), kernel, stride,
+                                         padding, count_include_pad), lo, hi)
+    theirs = _one_node("QLinearAveragePool", {"x": x}, ["x", "sx", "zx", "sy", "zy"],
+                       {"sx": scales[0], "zx": zeros[0], "sy": scales[1], "zy": zeros[1]}, kernel_shape=kernel,
+                       strides=stride, pads=padding, count_include_pad=int(count_include_pad))
+    bad = int((ours != theirs).sum())
+    TALLY.add("avgpool2d arithmetic", ours.size, bad)
+    assert bad == 0
 
 
 def test_fma_float32_rounds_the_exact_value_once():
@@ -329,9 +373,9 @@ def test_export_refuses_what_onnxruntime_would_compute_otherwise():
                                           r"is 'half_away'"):
         to_onnx(IntModel(HardwareProfile.from_dict(other), int_model.inputs, int_model.nodes, int_model.outputs))
     first = int_model.nodes[0]
-    pool = Node("pool", "avgpool2d", [first.name], first.quant, {"kernel": [2, 2], "stride": [2, 2]})
-    with pytest.raises(QftsimError, match="average pool") as info:
-        to_onnx(IntModel(int_model.profile, int_model.inputs, [first, pool], ["pool"]))
+    spread = Node("spread", "zero_insert", [first.name], first.quant, {"stride": [2, 2]})
+    with pytest.raises(QftsimError, match="zero_insert") as info:
+        to_onnx(IntModel(int_model.profile, int_model.inputs, [first, spread], ["spread"]))
     assert "\n" not in str(info.value)
     net = FloatNet(3, 8, 3)
     x = net.conv("input", 4, 3)
@@ -375,3 +419,7 @@ def test_demo_ends_in_an_onnx_model_that_onnxruntime_verifies(tmp_path, capsys):
     assert re.search(r"onnxruntime == simulator +yes, every output", capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine_equals_simulator"] and (out / "model.onnx").is_file()
+    assert main(["demo", "--profile", PROFILE, "--network", "resnet", "--format", "tvm", "--out",
+                 str(tmp_path / "tvm"), "--quiet"]) != 0  # refused before training, in one line
+    err = capsys.readouterr().err
+    assert "no TVM lowering yet" in err and "--format onnx" in err and len(err.strip().splitlines()) == 1
