@@ -519,6 +519,11 @@ class _OnnxImporter:
         transform = transform.decode() if isinstance(transform, bytes) else transform
         rounding = a.get("nearest_mode", b"round_prefer_floor")
         rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
+        if mode == "linear":
+            raise self._fail(node, "is a linear resize of 8-bit codes, which onnxruntime computes with float32 "
+                             "weights in NCHW but with 1/1024 integer weights where its default optimizer moves it "
+                             "to NHWC (measured: the two differ), so one arithmetic cannot state it; qftsim "
+                             "imports nearest resizing")
         if mode != "nearest" or transform != "asymmetric" or rounding != "floor" \
                 or ho % h or wo % w:
             raise self._fail(node, f"is a {mode} resize ({transform}, {rounding}) from {h}x{w} to {ho}x{wo}; qftsim "

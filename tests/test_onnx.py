@@ -281,6 +281,30 @@ def test_int8_activation_qdq_that_onnxruntime_runs_in_float_is_one_line():
     assert "\n" not in str(info.value)
 
 
+def test_linear_resize_of_codes_is_refused_as_onnxruntime_computes_it_two_ways():
+    """onnxruntime's linear Resize of uint8 codes: one result in NCHW (float32 weights), another where its default
+    optimizer moves it to NHWC behind a QLinearConv (integer weights): no one arithmetic to import."""
+    import onnxruntime as ort
+
+    net = FloatNet(3, 6, 0)
+    x = net.conv("input", 8, 3, activation="relu")
+    n, c, h, w = net.shape[x]
+    (y,) = net.op("Resize", [x, "", net.const([1, 1, 3, 3])], (n, c, 3 * h, 3 * w), mode="linear")
+    model = quantize(net.to_bytes(y), np.random.default_rng(0).standard_normal((8, 3, 6, 6)).astype(np.float32),
+                     "QOperator")
+    images = np.random.default_rng(1).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    results = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level, options.intra_op_num_threads = level, 1
+        engine = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        results.append(np.concatenate([engine.run(None, {"input": image[None]})[0] for image in images]))
+    assert not np.array_equal(*results)
+    with pytest.raises(QftsimError, match=r"linear resize .*NHWC") as info:
+        from_onnx(model, PROFILE)
+    assert "\n" not in str(info.value)
+
+
 def test_unsupported_ops_and_files_are_one_line(tmp_path):
     net = FloatNet(3, 8, 0)
     x = net.op("Softmax", [net.conv("input", 4, 3)], (1, 4, 8, 8), axis=1)[0]
