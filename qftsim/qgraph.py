@@ -486,17 +486,17 @@ class QGraph(nn.Module):
         pt, pl, pb, pr = a["padding"]
         kh, kw = a["kernel"]
         zp = self.zero_points[self.quant_source[n.name]]
+        op = self.arithmetic(n)
+        if op.domain == "float32" and not self.training:  # onnxruntime's (the output shares the input's scale)
+            s = float(self.act_scale(n.name).detach())
+            return arith.average_float32(x, s, zp, s, zp, a["kernel"], a["stride"], a["padding"],
+                                         a["count_include_pad"]).to(x.dtype)
         total = F.avg_pool2d(F.pad(x - zp, (pl, pr, pt, pb)), (kh, kw), a["stride"], divisor_override=1)
         if a["count_include_pad"]:
             count = torch.tensor(float(kh * kw), dtype=x.dtype)
         else:
             ones = F.pad(torch.ones_like(x[:1, :1]), (pl, pr, pt, pb))
             count = F.avg_pool2d(ones, (kh, kw), a["stride"], divisor_override=1)
-        op = self.arithmetic(n)
-        if op.domain == "float32" and not self.training:  # onnxruntime's (the output shares the input's scale)
-            s = float(self.act_scale(n.name).detach())
-            return arith.average_float32(x, s, zp, s, zp, a["kernel"], a["stride"], a["padding"],
-                                         a["count_include_pad"]).to(x.dtype)
         if self.training:  # the raw domain's mean is the centred one plus the zero point (float32: ties aside)
             if op.domain == "raw":
                 return round_like_ste(total / count + zp, op.rounding)
